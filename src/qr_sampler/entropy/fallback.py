@@ -1,0 +1,68 @@
+"""A wrapper that serves a fallback source when the primary fails — never silently."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import ClassVar
+
+from qr_sampler.entropy.base import EntropyChunk, EntropySource
+from qr_sampler.errors import EntropyError
+
+logger = logging.getLogger(__name__)
+
+
+class FallbackSource(EntropySource):
+    """Try ``primary``; on :class:`EntropyError` serve ``fallback`` with a label.
+
+    With ``fallback=None`` (fallback mode ``error``) the primary's error
+    propagates. Every chunk served by the fallback has ``fallback=True`` and
+    ``fallback_reason`` set to the failure's reason and message.
+    ``on_fallback`` is called once per fallback batch (metrics hook).
+    """
+
+    name: ClassVar[str] = "fallback"
+
+    def __init__(
+        self,
+        primary: EntropySource,
+        fallback: EntropySource | None,
+        on_fallback: Callable[[str], None] | None = None,
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self._on_fallback = on_fallback
+        self._degraded = False
+
+    def fetch(self, sizes: Sequence[int]) -> list[EntropyChunk]:
+        try:
+            chunks = self.primary.fetch(sizes)
+        except EntropyError as exc:
+            if self.fallback is None:
+                raise
+            reason = f"{exc.reason}: {exc}"[:200]
+            if not self._degraded:
+                self._degraded = True
+                logger.warning(
+                    "entropy source %s failed (%s); serving %s, every token labelled fallback",
+                    self.primary.name,
+                    reason,
+                    self.fallback.name,
+                )
+            if self._on_fallback is not None:
+                self._on_fallback(exc.reason)
+            return [c.as_fallback(reason) for c in self.fallback.fetch(sizes)]
+        if self._degraded:
+            self._degraded = False
+            logger.warning("entropy source %s recovered", self.primary.name)
+        return chunks
+
+    def close(self) -> None:
+        self.primary.close()
+        if self.fallback is not None:
+            self.fallback.close()
+
+    def describe(self) -> dict[str, object]:
+        info = dict(self.primary.describe())
+        info["fallback"] = self.fallback.name if self.fallback else "error"
+        return info

@@ -1,0 +1,295 @@
+"""The sampling pipeline: a logits batch and per-row settings in, chosen tokens
+and provenance records out. Engine-agnostic; the vLLM adapter is a thin edge.
+
+One step, for the rows qr-sampler controls (bypassed rows are never touched):
+
+1. note the time: the logits exist now (``step_started_ns``);
+2. fetch entropy just in time — one batched call for every row's bytes;
+3. amplify each row's bytes into z and u (:mod:`qr_sampler.sampling.amplify`);
+4. send u and the per-row settings to the logits' device in one copy;
+5. temperature per row — fixed or EDT (:mod:`qr_sampler.sampling.temperature`);
+6. select by rank with u (:mod:`qr_sampler.sampling.select`): a head fast
+   path, a full sort only for rows it cannot resolve;
+7. force each row to its token (0 there, -inf elsewhere) in place;
+8. bring the per-row results to the host in one copy and emit one record per row.
+
+Entropy failures never raise out of :meth:`SamplingPipeline.sample`: with a
+fallback configured the source wrapper serves labelled fallback bytes; in
+``error`` mode the affected rows are forced to EOS and recorded as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from qr_sampler.config import QRSettings, SamplingConfig
+from qr_sampler.entropy.base import EntropyChunk, EntropySource
+from qr_sampler.entropy.registry import build_entropy
+from qr_sampler.errors import EntropyError
+from qr_sampler.records import SCHEMA_VERSION, RecordSink, TokenRecord
+from qr_sampler.sampling.amplify import amplify
+from qr_sampler.sampling.select import (
+    DEFAULT_HEAD,
+    Selection,
+    SelectionParams,
+    force_tokens,
+    select_head,
+    select_sorted,
+)
+from qr_sampler.sampling.temperature import shannon_entropy, temperatures
+
+logger = logging.getLogger("qr_sampler")
+
+# columns of the per-row parameter block sent to the device
+_U, _FIXED, _EDT, _BASE, _EXP, _TMIN, _TMAX, _TOPK, _TOPP, _MINP = range(10)
+_NPARAMS = 10
+# columns of the per-row result block brought back
+_TOK, _RANK, _PROB, _NCAND, _RESOLVED, _TEMP, _ENT = range(7)
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """One request's settings in the form the pipeline uses every step."""
+
+    config: SamplingConfig
+    request_id: str = ""
+    params: tuple[float, ...] = field(default=())
+
+    @classmethod
+    def of(cls, config: SamplingConfig, request_id: str = "") -> RowState:
+        c = config
+        params = (
+            0.0,
+            c.fixed_temperature,
+            1.0 if c.temperature_strategy == "edt" else 0.0,
+            c.edt_base_temp,
+            c.edt_exponent,
+            c.edt_min_temp,
+            c.edt_max_temp,
+            float(c.top_k),
+            c.top_p,
+            c.min_p,
+        )
+        return cls(config=config, request_id=request_id, params=params)
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """Entropy for one step: per-row chunks, z, u, and failure flags."""
+
+    chunks: list[EntropyChunk | None]
+    sample_mean: np.ndarray
+    z: np.ndarray
+    u: np.ndarray
+    failed: np.ndarray  # bool: no entropy (error mode)
+    fetch_latency_ns: int
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What one step chose: token ids per controlled row (host) and the records."""
+
+    rows: list[int]
+    token_ids: list[int]
+    records: list[TokenRecord]
+
+
+class SamplingPipeline:
+    """Turns a logits batch into forced tokens with provenance records."""
+
+    def __init__(
+        self,
+        settings: QRSettings,
+        source: EntropySource | None = None,
+        sink: RecordSink | None = None,
+        *,
+        eos_token_id: int | None = None,
+        head_size: int = DEFAULT_HEAD,
+        clock: Callable[[], int] = time.time_ns,
+        listeners: Sequence[Callable[[list[TokenRecord]], None]] = (),
+    ) -> None:
+        self.settings = settings
+        self.source = source if source is not None else build_entropy(settings)
+        self.sink = sink if sink is not None else RecordSink(
+            settings.records_path or None, ring_size=settings.diagnostics_max
+        )
+        self.eos_token_id = eos_token_id
+        self.head_size = head_size
+        self.clock = clock
+        self.listeners = list(listeners)
+        self.config_hash = settings.config_hash()
+        self.step = 0
+
+    # -- stage 2-3: entropy ------------------------------------------------
+    def draw(self, rows: Sequence[RowState]) -> Draw:
+        """Fetch and amplify entropy for ``rows``; never raises an EntropyError."""
+        n = len(rows)
+        sizes = [r.config.sample_count for r in rows]
+        start = time.perf_counter_ns()
+        try:
+            chunks: list[EntropyChunk | None] = list(self.source.fetch(sizes))
+            error = ""
+        except EntropyError as exc:
+            chunks = [None] * n
+            error = f"{exc.reason}: {exc}"[:200]
+            logger.error("no entropy for %d row(s) in error mode: %s; forcing EOS", n, error)
+        latency = time.perf_counter_ns() - start
+        failed = np.array([c is None for c in chunks], dtype=bool)
+        if failed.all():
+            nan = np.full(n, np.nan)
+            return Draw(chunks, nan, nan, np.full(n, 0.5), failed, latency, error)
+        amp = amplify(
+            [c.data if c is not None else b"\x80" for c in chunks],
+            population_mean=np.array([r.config.population_mean for r in rows]),
+            population_std=np.array([r.config.population_std for r in rows]),
+            epsilon=np.array([r.config.uniform_clamp_epsilon for r in rows]),
+        )
+        return Draw(chunks, amp.sample_mean, amp.z, amp.u, failed, latency, error)
+
+    # -- stage 4-7: selection on the device ----------------------------------
+    def choose(
+        self, logits: torch.Tensor, row_index: torch.Tensor | None, rows: Sequence[RowState], u: np.ndarray
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Select tokens for ``rows`` (rows of ``logits`` given by ``row_index``,
+        all rows if None). Returns device token ids and the host result block."""
+        block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
+        block[:, _U] = u
+        dev = torch.from_numpy(block).to(logits.device)
+        sub = logits if row_index is None else logits.index_select(0, row_index)
+        t, entropy = temperatures(
+            sub,
+            is_edt=dev[:, _EDT] > 0,
+            fixed=dev[:, _FIXED].float(),
+            base=dev[:, _BASE].float(),
+            exponent=dev[:, _EXP].float(),
+            t_min=dev[:, _TMIN].float(),
+            t_max=dev[:, _TMAX].float(),
+            entropy=shannon_entropy(sub),
+        )
+        params = SelectionParams(
+            temperature=t,
+            top_k=dev[:, _TOPK].long(),
+            top_p=dev[:, _TOPP],
+            min_p=dev[:, _MINP],
+            u=dev[:, _U],
+        )
+        sel, resolved = select_head(sub, params, self.head_size)
+        host = self._to_host(sel, resolved, t, entropy)  # the one sync of a normal step
+        token_ids = sel.token_ids
+        pending = np.flatnonzero(host[:, _RESOLVED] == 0)
+        if pending.size:
+            idx = torch.from_numpy(pending).to(logits.device)
+            rest = select_sorted(
+                sub.index_select(0, idx),
+                SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),
+            )
+            token_ids = token_ids.index_copy(0, idx, rest.token_ids)
+            host[pending] = self._to_host(
+                rest, torch.ones_like(rest.rank), t.index_select(0, idx), entropy.index_select(0, idx)
+            )
+        return token_ids, host
+
+    @staticmethod
+    def _to_host(
+        sel: Selection, resolved: torch.Tensor, t: torch.Tensor, entropy: torch.Tensor
+    ) -> np.ndarray:
+        cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
+        return torch.stack([c.double() for c in cols], dim=1).cpu().numpy()
+
+    # -- the whole step --------------------------------------------------------
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[RowState],
+        row_indices: Sequence[int] | None = None,
+        step_started_ns: int | None = None,
+    ) -> StepResult:
+        """Sample and force ``rows`` of ``logits`` in place (all rows if
+        ``row_indices`` is None, else ``rows[i]`` drives ``logits[row_indices[i]]``)."""
+        started = step_started_ns if step_started_ns is not None else self.clock()
+        t0 = time.perf_counter_ns()
+        self.step += 1
+        index_list = list(range(logits.shape[0])) if row_indices is None else list(row_indices)
+        if not rows:
+            return StepResult([], [], [])
+        draw = self.draw(rows)
+        row_index = (
+            None
+            if row_indices is None
+            else torch.tensor(index_list, dtype=torch.long).to(logits.device)
+        )
+        token_ids, host = self.choose(logits, row_index, rows, draw.u)
+        if draw.failed.any() and self.eos_token_id is not None:
+            eos = torch.from_numpy(draw.failed).to(logits.device)
+            token_ids = torch.where(eos, torch.full_like(token_ids, self.eos_token_id), token_ids)
+            host[draw.failed, _TOK] = self.eos_token_id
+        force_tokens(logits, row_index, token_ids)
+        records = self._records(rows, index_list, draw, host, started, time.perf_counter_ns() - t0)
+        keep = any(r.config.diagnostic_mode for r in rows)
+        self.sink.emit(records, keep_recent=keep)
+        for listener in self.listeners:
+            listener(records)
+        return StepResult(index_list, [r.token_id for r in records], records)
+
+    def _records(
+        self,
+        rows: Sequence[RowState],
+        index_list: list[int],
+        draw: Draw,
+        host: np.ndarray,
+        started: int,
+        latency_ns: int,
+    ) -> list[TokenRecord]:
+        now = self.clock()
+        out: list[TokenRecord] = []
+        for i, row in enumerate(rows):
+            c = draw.chunks[i]
+            cfg = row.config
+            out.append(
+                TokenRecord(
+                    schema=SCHEMA_VERSION,
+                    time_ns=now,
+                    step_started_ns=started,
+                    label=cfg.label,
+                    request_id=row.request_id,
+                    row=index_list[i],
+                    step=self.step,
+                    token_id=int(host[i, _TOK]),
+                    rank=int(host[i, _RANK]),
+                    probability=float(host[i, _PROB]),
+                    num_candidates=int(host[i, _NCAND]),
+                    temperature=float(host[i, _TEMP]),
+                    temperature_strategy=cfg.temperature_strategy,
+                    shannon_entropy=float(host[i, _ENT]),
+                    u=float("nan") if draw.failed[i] else float(draw.u[i]),
+                    z=float(draw.z[i]),
+                    sample_mean=float(draw.sample_mean[i]),
+                    byte_count=len(c.data) if c is not None else 0,
+                    entropy_source=c.source if c is not None else "none",
+                    device_id=c.device_id if c is not None else "",
+                    server_timestamp_ns=c.generation_timestamp_ns if c is not None else 0,
+                    sequence_id=c.sequence_id if c is not None else -1,
+                    fallback=c.fallback if c is not None else False,
+                    fallback_reason=c.fallback_reason if c is not None else draw.error,
+                    health=c.health if c is not None else "off",
+                    fetch_latency_ns=draw.fetch_latency_ns,
+                    sampling_latency_ns=latency_ns,
+                    config_hash=self.config_hash,
+                    failed=bool(draw.failed[i]),
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        self.sink.close()
+        self.source.close()
+
+
+_PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")

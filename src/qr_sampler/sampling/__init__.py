@@ -1,0 +1,1 @@
+"""Batched sampling math: amplification, temperature, selection."""

@@ -1,0 +1,85 @@
+"""Signal amplification: the bytes of one token become one uniform u.
+
+For a token's N bytes with sample mean m, under the null hypothesis (uniform,
+independent bytes with mean mu and standard deviation sigma):
+
+    z = (m - mu) / (sigma / sqrt(N))          ~ N(0, 1)
+    u = Phi(z), clamped to [eps, 1 - eps]     ~ U(0, 1)
+
+A tiny per-byte bias shifts z by bias * sqrt(N) / sigma, which many tokens make
+measurable. Pure numpy: runs without torch (the probe and analysis use it too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+
+_SQRT2 = math.sqrt(2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Amplified:
+    """Per-row results of amplification (float64 arrays of equal length)."""
+
+    sample_mean: FloatArray
+    z: FloatArray
+    u: FloatArray
+
+
+def normal_cdf(z: FloatArray) -> FloatArray:
+    """Phi(z) = erfc(-z / sqrt 2) / 2, accurate in both tails."""
+    return np.array([0.5 * math.erfc(-float(v) / _SQRT2) for v in z], dtype=np.float64)
+
+
+def sample_means(chunks: Sequence[bytes]) -> FloatArray:
+    """Mean byte value of each chunk (exact integer sums, then one division)."""
+    if not chunks:
+        return np.zeros(0, dtype=np.float64)
+    n = len(chunks[0])
+    if n and all(len(c) == n for c in chunks):
+        block = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), n)
+        sums = block.sum(axis=1, dtype=np.uint64).astype(np.float64)
+        return sums / n
+    out = np.empty(len(chunks), dtype=np.float64)
+    for i, c in enumerate(chunks):
+        if not c:
+            raise ValueError("cannot amplify an empty chunk")
+        out[i] = int(np.frombuffer(c, dtype=np.uint8).sum(dtype=np.uint64)) / len(c)
+    return out
+
+
+def amplify_means(
+    means: FloatArray,
+    counts: npt.ArrayLike,
+    population_mean: npt.ArrayLike,
+    population_std: npt.ArrayLike,
+    epsilon: npt.ArrayLike,
+) -> Amplified:
+    """z and u from sample means; every parameter may be a scalar or per-row array."""
+    n = np.asarray(counts, dtype=np.float64)
+    mu = np.asarray(population_mean, dtype=np.float64)
+    sigma = np.asarray(population_std, dtype=np.float64)
+    eps = np.asarray(epsilon, dtype=np.float64)
+    z = (means - mu) / (sigma / np.sqrt(n))
+    z = np.broadcast_to(z, means.shape).astype(np.float64)
+    u = np.clip(normal_cdf(z), eps, 1.0 - eps)
+    return Amplified(sample_mean=means, z=z, u=np.asarray(u, dtype=np.float64))
+
+
+def amplify(
+    chunks: Sequence[bytes],
+    population_mean: npt.ArrayLike = 127.5,
+    population_std: npt.ArrayLike = math.sqrt((256**2 - 1) / 12),
+    epsilon: npt.ArrayLike = 1e-10,
+) -> Amplified:
+    """Amplify many rows at once: one chunk of bytes per row."""
+    means = sample_means(chunks)
+    counts = np.array([len(c) for c in chunks], dtype=np.float64)
+    return amplify_means(means, counts, population_mean, population_std, epsilon)
