@@ -6,8 +6,10 @@ vLLM runs it through the real engine and every token passes our sampler.
 
     python scripts/make_tiny_model.py OUT_DIR [--vocab-size 151936] [--seed 0]
 
-The default vocabulary is small (4,096) for speed; ``--vocab-size 151936``
-gives Qwen2.5's realistic vocabulary (synthetic WordLevel tokens).
+The tokenizer is a real byte-level BPE (what Qwen2's tokenizer class loads),
+trained on a few hundred words and padded with synthetic tokens. The default
+vocabulary is small (4,096) for speed; ``--vocab-size 151936`` gives Qwen2.5's
+realistic vocabulary size.
 """
 
 from __future__ import annotations
