@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         README.write_text(expected, encoding="utf-8")
         return 0
     if expected != text:
-        print("README.md's configuration reference is stale: run scripts/config_reference.py --write")
+        print(
+            "README.md's configuration reference is stale: run scripts/config_reference.py --write"
+        )
         return 1
     return 0
 

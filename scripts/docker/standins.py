@@ -223,7 +223,7 @@ def start_daemon(run_dir: Path, data_root: Path | None = None, timeout: float = 
             return daemon
         time.sleep(0.25)
     daemon.stop()
-    raise RuntimeError("dockerd did not answer within %.0f s" % timeout)
+    raise RuntimeError(f"dockerd did not answer within {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -283,7 +283,7 @@ def rootfs_tarball() -> Path:
             mmdebstrap,
             "--variant=minbase",
             "--include=" + ",".join(PACKAGES),
-            f"--customize-hook=cp {HOST_CA_BUNDLE} \"$1{HOST_CA_BUNDLE}\"",
+            f'--customize-hook=cp {HOST_CA_BUNDLE} "$1{HOST_CA_BUNDLE}"',
             '--customize-hook=rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
             '--customize-hook=rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin',
             SUITE,
@@ -301,8 +301,9 @@ def rootfs_tarball() -> Path:
 
 
 def _image_label(daemon: Daemon, tag: str) -> str | None:
+    template = f"{{{{index .Config.Labels {LABEL!r}}}}}"
     out = subprocess.run(
-        [docker_cli(), "image", "inspect", "--format", "{{index .Config.Labels %r}}" % LABEL, tag],
+        [docker_cli(), "image", "inspect", "--format", template, tag],
         env=daemon.env(),
         capture_output=True,
         text=True,

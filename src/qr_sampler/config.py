@@ -86,7 +86,7 @@ class SamplingConfig(BaseModel):
     population_std: float = _f(
         UNIFORM_BYTE_STD,
         "a number > 0 and <= 255",
-        "Standard deviation of a byte under the null (exact uniform: 73.9006...).",
+        "Standard deviation of a byte under the null (exact uniform: 73.9003...).",
         gt=0.0,
         le=255.0,
     )
@@ -524,8 +524,11 @@ def parse_request_options(
     overrides: dict[str, Any] = {}
     bypass = False
     for key, value in extra_args.items():
-        if not isinstance(key, str) or not key.startswith(REQUEST_PREFIX):
+        if not isinstance(key, str) or not key.lower().startswith(REQUEST_PREFIX):
             continue
+        if not key.startswith(REQUEST_PREFIX):
+            # 'QR_TOP_K' is a typo of ours, not another plugin's key: never ignore it
+            raise ConfigError(f"{key}: qr-sampler keys are lowercase; use {key.lower()!r}")
         if key == BYPASS_KEY:
             if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
                 bypass = bool(value)

@@ -23,11 +23,12 @@ tokens_failed_total                    counter    tokens with no entropy at all 
 entropy_bytes_total{source}            counter    entropy bytes consumed
 fallback_tokens_total{reason}          counter    tokens served by the fallback source
 health_test_failures_total{test}       counter    steps whose entropy failed a health test
+                                                  (test: rct, apt or unspecified)
 steps_total                            counter    sampling steps
 fetch_latency_seconds                  histogram  entropy fetch time per step
 sampling_latency_seconds               histogram  whole sampling time per step
 breaker_state                          gauge      circuit breaker: 0 closed, 1 half-open, 2 open
-breaker_transitions_total{state}       counter    times the breaker entered each state
+breaker_opened_total                   counter    times the circuit breaker opened
 records_written_total                  counter    provenance records written (``watch_sink``)
 records_dropped_total                  counter    provenance records dropped (``watch_sink``)
 info{version,config_hash}              gauge      always 1; identifies the build and settings
@@ -48,6 +49,7 @@ from typing import TYPE_CHECKING, ClassVar
 from qr_sampler.errors import ConfigError
 
 if TYPE_CHECKING:
+    from qr_sampler.config import QRSettings
     from qr_sampler.records import RecordSink, TokenRecord
 
 logger = logging.getLogger(__name__)
@@ -304,6 +306,7 @@ class MetricsRecorder:
             "info", "Build and configuration of this process.", ("version", "config_hash")
         )
         self.info.set(1, labels=(__version__, config_hash))
+        self._lock = threading.Lock()
         self.tokens = r.counter(
             "tokens_sampled_total",
             "Tokens sampled, by entropy source and whether a fallback served them.",
@@ -335,11 +338,8 @@ class MetricsRecorder:
         self.breaker_state = r.gauge(
             "breaker_state", "Entropy circuit breaker state: 0 closed, 1 half-open, 2 open."
         )
-        self.breaker_transitions = r.counter(
-            "breaker_transitions_total",
-            "Times the circuit breaker entered each state.",
-            ("state",),
-        )
+        self.breaker_opened = r.counter("breaker_opened_total", "Times the circuit breaker opened.")
+        self._breaker_key = "closed"
         self.records_written = r.counter("records_written_total", "Provenance records written.")
         self.records_dropped = r.counter(
             "records_dropped_total", "Provenance records dropped (disk too slow or failing)."
@@ -388,21 +388,61 @@ class MetricsRecorder:
                 f"breaker state: must be one of {', '.join(BREAKER_STATES)}; got {state!r}"
             )
         self.breaker_state.set(BREAKER_STATES[key])
-        self.breaker_transitions.inc(labels=(key,))
+        with self._lock:
+            opened = key == "open" and self._breaker_key != "open"
+            self._breaker_key = key
+        if opened:
+            self.breaker_opened.inc()
+
+    def watch_source(self, source: object) -> None:
+        """Export the circuit breaker of ``source`` on every scrape.
+
+        ``source`` is the pipeline's source; wrappers are searched through their
+        ``primary`` attribute for an object with a ``breaker`` (state and
+        ``times_opened``). Does nothing when there is no breaker.
+        """
+        breaker = _find_breaker(source)
+        if breaker is None:
+            return
+
+        def collect() -> None:
+            state = str(getattr(breaker, "state", "closed"))
+            self.breaker_state.set(BREAKER_STATES.get(state, 0))
+            self.breaker_opened.sync(float(getattr(breaker, "times_opened", 0)))
+
+        self.registry.add_collector(collect)
+
+    def watch_pipeline(self, pipeline: object) -> None:
+        """:meth:`watch_source` and :meth:`watch_sink` for a SamplingPipeline."""
+        self.watch_source(getattr(pipeline, "source", None))
+        sink = getattr(pipeline, "sink", None)
+        if sink is not None:
+            self.watch_sink(sink)
 
     def render(self) -> str:
         return self.registry.render()
 
 
-_HEALTH_TESTS = ("repetition_count", "adaptive_proportion")
+_HEALTH_TESTS = {"repetition count": "rct", "adaptive proportion": "apt"}
 
 
 def _health_test_name(reason: str) -> str:
-    text = reason.lower().replace(" ", "_").replace("-", "_")
-    for name in _HEALTH_TESTS:
-        if name in text:
+    text = reason.lower().replace("_", " ").replace("-", " ")
+    for phrase, name in _HEALTH_TESTS.items():
+        if phrase in text:
             return name
     return "unspecified"
+
+
+def _find_breaker(source: object) -> object | None:
+    for _ in range(8):  # wrappers nest shallowly
+        if source is None:
+            return None
+        breaker: object | None = getattr(source, "breaker", None)
+        if breaker is not None and hasattr(breaker, "state"):
+            return breaker
+        source = getattr(source, "primary", None)
+    return None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -502,3 +542,30 @@ def parse_exposition(text: str) -> dict[str, float]:
         key, _, value = line.rpartition(" ")
         out[key] = float(value)
     return out
+
+
+_started: dict[int, tuple[MetricsRecorder, MetricsServer | None]] = {}
+_started_lock = threading.Lock()
+
+
+def start_for_settings(settings: QRSettings, host: str = "0.0.0.0") -> MetricsRecorder:
+    """The process's recorder, serving ``QR_METRICS_PORT`` (started once per process).
+
+    Returns the recorder to use as a pipeline listener; call
+    :meth:`MetricsRecorder.watch_pipeline` once the pipeline exists. If the
+    port cannot be bound the error is logged and sampling goes on without the
+    endpoint (metrics must never stop an experiment).
+    """
+    port = settings.metrics_port
+    with _started_lock:
+        if port in _started:
+            return _started[port][0]
+        recorder = MetricsRecorder(config_hash=settings.config_hash())
+        server: MetricsServer | None = None
+        if port:
+            try:
+                server = start_metrics_server(port, recorder.registry, host=host)
+            except ConfigError as exc:
+                logger.error("metrics endpoint not started: %s", exc)
+        _started[port] = (recorder, server)
+        return recorder

@@ -8,8 +8,9 @@ One step, for the rows qr-sampler controls (bypassed rows are never touched):
 3. amplify each row's bytes into z and u (:mod:`qr_sampler.sampling.amplify`);
 4. send u and the per-row settings to the logits' device in one copy;
 5. temperature per row — fixed or EDT (:mod:`qr_sampler.sampling.temperature`);
-6. select by rank with u (:mod:`qr_sampler.sampling.select`): a head fast
-   path, a full sort only for rows it cannot resolve;
+6. select by rank with u (:mod:`qr_sampler.sampling.select`): fused row
+   statistics (max, entropy, logsumexp at T), then a chunked head ordered
+   without sorting the vocabulary; a full sort only for rows it cannot resolve;
 7. force each row to its token (0 there, -inf elsewhere) in place;
 8. bring the per-row results to the host in one copy and emit one record per row.
 
@@ -38,11 +39,14 @@ from qr_sampler.sampling.select import (
     DEFAULT_HEAD,
     Selection,
     SelectionParams,
+    effective_temperature,
     force_tokens,
-    select_head,
+    log_normalizer,
+    row_stats,
+    select_chunked,
     select_sorted,
 )
-from qr_sampler.sampling.temperature import shannon_entropy, temperatures
+from qr_sampler.sampling.temperature import temperatures
 
 logger = logging.getLogger("qr_sampler")
 
@@ -155,14 +159,29 @@ class SamplingPipeline:
 
     # -- stage 4-7: selection on the device ----------------------------------
     def choose(
-        self, logits: torch.Tensor, row_index: torch.Tensor | None, rows: Sequence[RowState], u: np.ndarray
+        self,
+        logits: torch.Tensor,
+        row_index: torch.Tensor | None,
+        rows: Sequence[RowState],
+        u: np.ndarray,
     ) -> tuple[torch.Tensor, np.ndarray]:
         """Select tokens for ``rows`` (rows of ``logits`` given by ``row_index``,
-        all rows if None). Returns device token ids and the host result block."""
+        all rows if None). Returns device token ids and the host result block.
+
+        One host<->device sync in a normal step (the result block's copy); the
+        settings go over without one (pinned, non-blocking). Rows the chunked
+        head cannot resolve cost a second, small one and a full sort of those rows.
+        """
         block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
         block[:, _U] = u
-        dev = torch.from_numpy(block).to(logits.device)
+        dev = _to_device(block, logits.device)
         sub = logits if row_index is None else logits.index_select(0, row_index)
+        any_edt = bool(block[:, _EDT].any())
+        if any_edt:
+            stats = row_stats(sub)
+        else:  # temperatures are known now: one fused pass gives everything
+            fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0)
+            stats = row_stats(sub, _to_device(fixed.astype(np.float32), logits.device))
         t, entropy = temperatures(
             sub,
             is_edt=dev[:, _EDT] > 0,
@@ -171,7 +190,7 @@ class SamplingPipeline:
             exponent=dev[:, _EXP].float(),
             t_min=dev[:, _TMIN].float(),
             t_max=dev[:, _TMAX].float(),
-            entropy=shannon_entropy(sub),
+            entropy=stats.entropy,
         )
         params = SelectionParams(
             temperature=t,
@@ -180,7 +199,10 @@ class SamplingPipeline:
             min_p=dev[:, _MINP],
             u=dev[:, _U],
         )
-        sel, resolved = select_head(sub, params, self.head_size)
+        lse = stats.lse
+        if lse is None:
+            lse = log_normalizer(sub, stats.max_logit, effective_temperature(params))
+        sel, resolved = select_chunked(sub, params, lse, stats.num_finite, self.head_size)
         host = self._to_host(sel, resolved, t, entropy)  # the one sync of a normal step
         token_ids = sel.token_ids
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
@@ -223,7 +245,7 @@ class SamplingPipeline:
         row_index = (
             None
             if row_indices is None
-            else torch.tensor(index_list, dtype=torch.long).to(logits.device)
+            else _to_device(np.array(index_list, dtype=np.int64), logits.device)
         )
         token_ids, host = self.choose(logits, row_index, rows, draw.u)
         if draw.failed.any() and self.eos_token_id is not None:
@@ -293,3 +315,11 @@ class SamplingPipeline:
 
 
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host array to ``device``; on CUDA through pinned memory without a host sync."""
+    host = torch.from_numpy(array)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

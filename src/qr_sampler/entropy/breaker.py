@@ -102,6 +102,10 @@ class CircuitBreaker:
         #: how many times the breaker has opened
         self.times_opened = 0
 
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may be held by a lost thread)."""
+        self._lock = threading.Lock()
+
     # -- queries ---------------------------------------------------------
     @property
     def state(self) -> State:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 from qr_sampler.entropy.base import EntropyChunk, EntropySource
@@ -51,7 +52,11 @@ class FallbackSource(EntropySource):
                 )
             if self._on_fallback is not None:
                 self._on_fallback(exc.reason)
-            return [c.as_fallback(reason) for c in self.fallback.fetch(sizes)]
+            served = [c.as_fallback(reason) for c in self.fallback.fetch(sizes)]
+            health = getattr(exc, "health", None)  # a failed health test: "failed:rct", ...
+            if isinstance(health, str):
+                served = [replace(c, health=health) for c in served]
+            return served
         if self._degraded:
             self._degraded = False
             logger.warning("entropy source %s recovered", self.primary.name)

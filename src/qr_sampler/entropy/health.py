@@ -180,6 +180,10 @@ class HealthMonitor:
         self._run = 0
         self._partial = b""  # bytes of the current, incomplete APT window
 
+    def _after_fork(self) -> None:
+        """In a forked child: a fresh lock (the parent's may be held by a lost thread)."""
+        self._lock = threading.Lock()
+
     def reset(self) -> None:
         with self._lock:
             self._reset()

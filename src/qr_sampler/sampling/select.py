@@ -21,9 +21,13 @@ is identical except when u lies within float rounding of a CDF boundary.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 #: default head width ordered by the fast path
 DEFAULT_HEAD = 1024
@@ -68,25 +72,37 @@ def _select_window(
     vocab: int,
     top_k: torch.Tensor,
     params: SelectionParams,
+    exact: torch.Tensor | None = None,
 ) -> tuple[Selection, torch.Tensor]:
     """Select inside a rank-ordered window (the head, or the whole sorted row).
 
-    Returns the selection and a mask of rows whose answer is exact from this
-    window alone.
+    ``exact`` (int64 per row, optional) is how many leading window positions are
+    known to be the row's true rank order; positions from there on are ignored.
+    By default the whole window is. Returns the selection and a mask of rows whose
+    answer is exact from this window alone.
     """
     rows, width = vals.shape
     pos = torch.arange(width, device=vals.device)
     kk = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
     in_k = pos.unsqueeze(0) < kk.unsqueeze(1)
+    if exact is not None:
+        in_k = in_k & (pos.unsqueeze(0) < exact.unsqueeze(1))
+        k_in_window = kk <= exact
+    else:
+        k_in_window = kk <= width
     masked = vals.masked_fill(~in_k, float("-inf"))
-    k_in_window = kk <= width
     lse = torch.where(k_in_window, torch.logsumexp(masked, dim=-1), lse_full)
     p = torch.exp(masked - lse.unsqueeze(1)).double()
 
     # min-p (a prefix, since p is in descending order)
     min_p = params.min_p.double().unsqueeze(1)
-    keep = in_k & (p >= min_p * p[:, :1])
-    minp_ends_inside = k_in_window | ~keep[:, -1]
+    # tokens of probability 0 (-inf logits) are never candidates, even for u = 1
+    keep = in_k & (p > 0) & (p >= min_p * p[:, :1])
+    if exact is not None:
+        last = (exact - 1).clamp(min=0).unsqueeze(1)
+        minp_ends_inside = k_in_window | ~keep.gather(1, last).squeeze(1)
+    else:
+        minp_ends_inside = k_in_window | ~keep[:, -1]
     z_m = torch.where(minp_ends_inside, (p * keep).sum(-1), torch.ones_like(lse_full, dtype=p.dtype))
     q = p * keep / z_m.unsqueeze(1)
 
@@ -96,7 +112,7 @@ def _select_window(
     top_p_on = (top_p < 1.0).unsqueeze(1)
     keep = keep & (~top_p_on | ((cum - q) < top_p.unsqueeze(1)))
     n_keep = keep.sum(-1)
-    complete = (n_keep < width) | k_in_window
+    complete = (n_keep < (width if exact is None else exact)) | k_in_window
     z_f = torch.where(complete, (q * keep).sum(-1), torch.ones_like(z_m))
 
     # pick: first kept position whose cumulative mass exceeds u * total
@@ -111,6 +127,8 @@ def _select_window(
     z_known = (k_in_window | whole) & (minp_ends_inside | (whole & (params.min_p <= 0)))
     untruncated = whole & (params.min_p <= 0) & (top_p >= 1.0)
     resolved = z_known & (complete | (untruncated & (target < cum[:, -1])))
+    if exact is not None:
+        resolved = resolved & (exact > 0)
     n_cand = torch.where(complete, n_keep, num_finite)
     prob = q.gather(1, pick.unsqueeze(1)).squeeze(1) / z_f
     token = idx.gather(1, pick.unsqueeze(1)).squeeze(1)
@@ -141,9 +159,167 @@ def select_head(
     vocab = x.shape[-1]
     width = min(head_size, vocab)
     vals, idx = torch.topk(x, width, dim=-1, largest=True, sorted=True)
+    # torch.topk orders ties arbitrarily: order them by token id (sort by id, then
+    # stably by value)
+    idx, by_id = torch.sort(idx, dim=-1)
+    vals, by_val = torch.sort(vals.gather(1, by_id), dim=-1, descending=True, stable=True)
+    idx = idx.gather(1, by_val)
     lse_full = torch.logsumexp(x, dim=-1)
     num_finite = torch.isfinite(x).sum(-1)
-    return _select_window(vals, idx, lse_full, num_finite, vocab, top_k, params)
+    sel, resolved = _select_window(vals, idx, lse_full, num_finite, vocab, top_k, params)
+    if width < vocab:
+        # which members of a tie class cut by the head's edge it holds is arbitrary:
+        # a pick inside that class needs the full sort
+        edge = vals[:, -1:]
+        first = (vals > edge).sum(-1)
+        straddle = (x == edge).sum(-1) > width - first
+        resolved = resolved & ~(straddle & (sel.rank >= first))
+    return sel, resolved
+
+
+#: tokens per chunk of the chunked head (:func:`select_chunked`)
+DEFAULT_CHUNK = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RowStats:
+    """Per-row statistics of the raw logits, from one fused pass where possible."""
+
+    max_logit: torch.Tensor  # float32 (NaN when the row holds a NaN)
+    entropy: torch.Tensor  # float32, nats of softmax(logits) at T = 1
+    num_finite: torch.Tensor  # int64
+    lse: torch.Tensor | None  # float32 logsumexp(logits / T) when T was given
+
+
+def _row_stats_eager(
+    logits: torch.Tensor, t: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x = logits.float()
+    m = x.amax(dim=-1, keepdim=True)
+    e = torch.exp(x - m)
+    p = e / e.sum(dim=-1, keepdim=True)
+    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
+    num_finite = torch.isfinite(x).sum(dim=-1)
+    lse = None if t is None else _log_normalizer_eager(x, m.squeeze(1), t)
+    return m.squeeze(1), entropy, num_finite, lse
+
+
+def _log_normalizer_eager(
+    logits: torch.Tensor, max_logit: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    t = t.float()
+    mx = (max_logit / t).unsqueeze(1)
+    x = logits.float() / t.unsqueeze(1)
+    return (mx + torch.log(torch.exp(x - mx).sum(dim=-1, keepdim=True))).squeeze(1)
+
+
+_COMPILED: dict[str, Any] = {}
+_COMPILE_STATE = {"enabled": True, "failed": False}
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    """Turn the torch.compile'd (fused) row statistics on CUDA on or off."""
+    _COMPILE_STATE["enabled"] = enabled
+
+
+def _fused(name: str, fn: Any, device: torch.device) -> Any:
+    """``fn`` compiled into fused kernels on CUDA (one read of the row instead of
+    several); the eager function elsewhere or when compilation is unavailable."""
+    if device.type != "cuda" or not _COMPILE_STATE["enabled"] or _COMPILE_STATE["failed"]:
+        return fn
+    compiled = _COMPILED.get(name)
+    if compiled is None:
+        compiled = torch.compile(fn, dynamic=True)
+        _COMPILED[name] = compiled
+    return compiled
+
+
+def _call_fused(name: str, fn: Any, device: torch.device, *args: Any) -> Any:
+    impl = _fused(name, fn, device)
+    if impl is fn:
+        return fn(*args)
+    try:
+        return impl(*args)
+    except Exception as exc:  # compilation unavailable here: stay correct, eagerly
+        _COMPILE_STATE["failed"] = True
+        logger.warning("fused row statistics unavailable (%s); using eager torch ops", exc)
+        return fn(*args)
+
+
+def row_stats(logits: torch.Tensor, temperature: torch.Tensor | None = None) -> RowStats:
+    """Max, entropy at T = 1 and finite count of each row; with ``temperature``
+    (per row, > 0) also logsumexp(logits / T). Fused into few passes on CUDA."""
+    m, entropy, num_finite, lse = _call_fused(
+        "row_stats", _row_stats_eager, logits.device, logits, temperature
+    )
+    return RowStats(max_logit=m, entropy=entropy, num_finite=num_finite, lse=lse)
+
+
+def log_normalizer(
+    logits: torch.Tensor, max_logit: torch.Tensor, temperature: torch.Tensor
+) -> torch.Tensor:
+    """logsumexp(logits / T) per row, given the row maxima (T > 0)."""
+    out: torch.Tensor = _call_fused(
+        "log_normalizer", _log_normalizer_eager, logits.device, logits, max_logit, temperature
+    )
+    return out
+
+
+def effective_temperature(params: SelectionParams) -> torch.Tensor:
+    """T as applied: greedy rows (T = 0) use 1."""
+    t = params.temperature
+    return torch.where(t <= 0, torch.ones_like(t), t).float()
+
+
+def select_chunked(
+    logits: torch.Tensor,
+    params: SelectionParams,
+    lse_full: torch.Tensor,
+    num_finite: torch.Tensor,
+    head_size: int = DEFAULT_HEAD,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[Selection, torch.Tensor]:
+    """Fast path without ordering (or top-k) over the whole vocabulary.
+
+    The row is cut into chunks of ``chunk`` token ids; the ``head_size`` chunks
+    with the largest maxima hold every token above tau, the smallest of those
+    maxima. Only their tokens are gathered (in token-id order) and stably
+    sorted, so the leading positions above tau are exactly the row's rank order
+    (ties by token id); selection runs there (:func:`_select_window` with
+    ``exact``). ``lse_full`` is logsumexp(logits / T) at the effective
+    temperature, ``num_finite`` the finite count of each row.
+
+    Returns the selection and the mask of rows it resolved exactly; the other
+    rows must be recomputed with :func:`select_sorted`. No host sync.
+    """
+    rows, vocab = logits.shape
+    n_full = vocab // chunk
+    n_chunks = n_full + (1 if vocab % chunk else 0)
+    if n_full == 0 or n_chunks <= head_size:
+        sel = select_sorted(logits, params)
+        return sel, torch.ones(rows, dtype=torch.bool, device=logits.device)
+    greedy = params.temperature <= 0
+    t = effective_temperature(params)
+    top_k = torch.where(greedy, torch.ones_like(params.top_k), params.top_k)
+    cmax = logits[:, : n_full * chunk].reshape(rows, n_full, chunk).amax(dim=-1)
+    if n_chunks > n_full:
+        rest = logits[:, n_full * chunk :].amax(dim=-1, keepdim=True)
+        cmax = torch.cat([cmax, rest], dim=1)
+    top = torch.topk(cmax, head_size, dim=-1, sorted=False)
+    tau = top.values.amin(dim=-1).float() / t
+    first = torch.sort(top.indices, dim=-1).values * chunk
+    ids = (first.unsqueeze(-1) + torch.arange(chunk, device=logits.device)).reshape(rows, -1)
+    valid = ids < vocab
+    ids = ids.clamp(max=vocab - 1)
+    x = logits.gather(1, ids).float() / t.unsqueeze(1)
+    x = torch.nan_to_num(x, nan=float("-inf")).masked_fill(~valid, float("-inf"))
+    vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    idx = ids.gather(1, order)
+    exact = (vals > tau.unsqueeze(1)).sum(dim=-1)
+    sel, resolved = _select_window(
+        vals, idx, lse_full, num_finite, vocab, top_k, params, exact=exact
+    )
+    return sel, resolved & torch.isfinite(lse_full)
 
 
 def _take(params: SelectionParams, rows: torch.Tensor) -> SelectionParams:
@@ -159,13 +335,17 @@ def _take(params: SelectionParams, rows: torch.Tensor) -> SelectionParams:
 def select(
     logits: torch.Tensor, params: SelectionParams, head_size: int = DEFAULT_HEAD
 ) -> Selection:
-    """Select one token per row; head fast path, full sort only for unresolved rows.
+    """Select one token per row: the chunked head (:func:`select_chunked`,
+    ``head_size`` chunks), a full sort only for the rows it cannot resolve.
 
     One host sync to learn whether any row needs the full sort; a second one
     (small) only when some does.
     """
-    sel, resolved = select_head(logits, params, head_size)
-    if head_size >= logits.shape[-1] or bool(resolved.all()):
+    t = effective_temperature(params)
+    stats = row_stats(logits, t)
+    assert stats.lse is not None
+    sel, resolved = select_chunked(logits, params, stats.lse, stats.num_finite, head_size)
+    if bool(resolved.all()):
         return sel
     rows = torch.nonzero(~resolved).squeeze(1)
     sub = select_sorted(logits.index_select(0, rows), _take(params, rows))

@@ -1,0 +1,132 @@
+"""Parallel vLLM on the CPU build: tensor parallel 2 and data parallel 2.
+
+Under TP every rank appends its own sampled token to its own history; a
+divergence never shows in the API output, so this test compares the ranks
+directly: each rank writes the ids it forced per step (test mode,
+``QRSAMPLER_RANK_TRACE_DIR``) and the files must be identical. The entropy
+server counts requests so we can check one request per step (not per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support_entropy_proc import EntropyServerProcess
+from support_vllm import running_vllm, tiny_model
+
+pytestmark = pytest.mark.engine
+
+PROMPT = "the quantum random photon noise"
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+@pytest.fixture
+def counting_entropy(tmp_path: Path) -> Iterator[EntropyServerProcess]:
+    server = EntropyServerProcess(
+        f"unix://{tmp_path}/entropy.sock", tmp_path / "entropy.log", count_file=tmp_path / "count"
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _env(entropy: EntropyServerProcess, tmp: Path, **extra: str) -> dict[str, str]:
+    return {
+        "QR_ENTROPY_SOURCE_TYPE": "quantum_grpc",
+        "QR_GRPC_SERVER_ADDRESS": entropy.address,
+        "QR_GRPC_MODE": "bidi_streaming",
+        "QR_FALLBACK_MODE": "error",  # a fallback would hide a missing server
+        "QR_RECORDS_PATH": str(tmp / "records.jsonl"),
+        **extra,
+    }
+
+
+def test_tensor_parallel_ranks_force_identical_tokens(
+    tmp_path: Path, counting_entropy: EntropyServerProcess
+) -> None:
+    trace = tmp_path / "trace"
+    env = _env(
+        counting_entropy,
+        tmp_path,
+        QRSAMPLER_RANK_TRACE_DIR=str(trace),
+        VLLM_CPU_OMP_THREADS_BIND="0|1",
+    )
+    with running_vllm(
+        tiny_model(), env, ["--tensor-parallel-size", "2"], log_path=tmp_path / "vllm.log"
+    ) as server:
+
+        def greedy() -> list[int]:
+            out = server.complete(PROMPT, max_tokens=16, return_token_ids=True, ignore_eos=True,
+                                  vllm_xargs={"qr_top_k": 1, "qr_label": "greedy"})  # fmt: skip
+            return list(out["choices"][0]["token_ids"])
+
+        fresh = greedy()
+        # sampled traffic on the same prefix fills the prefix cache
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(
+                pool.map(
+                    lambda i: server.complete(PROMPT, max_tokens=16, ignore_eos=True,
+                                              vllm_xargs={"qr_label": f"tp-{i}",
+                                                          "qr_fixed_temperature": 1.5}),
+                    range(4),
+                )
+            )  # fmt: skip
+        assert len({o["choices"][0]["text"] for o in outs}) > 1, "sampling should vary"
+        assert greedy() == fresh, "prefix cache poisoned by diverged ranks"
+        time.sleep(0.5)
+        log = server.log_text()
+
+    files = sorted(trace.glob("rank*.jsonl"))
+    ranks = {f.name.split("-")[0] for f in files}
+    assert ranks == {"rank0", "rank1"}, files
+    by_rank = {r: [] for r in ranks}  # type: dict[str, list[dict[str, Any]]]
+    for f in files:
+        by_rank[f.name.split("-")[0]].extend(_read_jsonl(f))
+    assert by_rank["rank0"], "rank 0 forced nothing"
+    assert by_rank["rank0"] == by_rank["rank1"], "TP ranks forced different tokens"
+
+    steps = len(by_rank["rank0"])
+    assert counting_entropy.requests_served() == steps, "entropy must be drawn once per step"
+    records = _read_jsonl(tmp_path / "records.jsonl")
+    assert len(records) == sum(len(s["rows"]) for s in by_rank["rank0"])
+    assert len({r["request_id"].split("-")[0] for r in records}) == 1, "only rank 0 records"
+    assert "qr-sampler active (v1 model runner, TP 0/2)" in log
+
+
+def test_data_parallel_engines_sample_independently(
+    tmp_path: Path, counting_entropy: EntropyServerProcess
+) -> None:
+    env = _env(counting_entropy, tmp_path, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    with running_vllm(
+        tiny_model(), env, ["--data-parallel-size", "2"], log_path=tmp_path / "vllm.log"
+    ) as server:
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(
+                pool.map(
+                    lambda i: server.complete(f"the {i}", max_tokens=8, return_token_ids=True,
+                                              ignore_eos=True,
+                                              vllm_xargs={"qr_label": f"dp-{i}"}),
+                    range(8),
+                )
+            )  # fmt: skip
+        time.sleep(0.5)
+    records = _read_jsonl(tmp_path / "records.jsonl")
+    for i, out in enumerate(outs):
+        tokens = list(out["choices"][0]["token_ids"])
+        mine = sorted((r for r in records if r["label"] == f"dp-{i}"), key=lambda r: r["step"])
+        assert [r["token_id"] for r in mine] == tokens
+        assert all(r["entropy_source"] == "quantum_grpc" for r in mine)
+    engines = {r["request_id"].split("-")[0] for r in records}
+    assert len(engines) == 2, f"expected both DP engines to sample, saw {engines}"
