@@ -35,8 +35,13 @@ def tiny_model(vocab_size: int = 4096) -> Path:
     out = CACHE / f"tiny-qwen2-v{vocab_size}"
     if not (out / "model.safetensors").exists():
         subprocess.run(
-            [sys.executable, str(REPO / "scripts" / "make_tiny_model.py"), str(out),
-             "--vocab-size", str(vocab_size)],
+            [
+                sys.executable,
+                str(REPO / "scripts" / "make_tiny_model.py"),
+                str(out),
+                "--vocab-size",
+                str(vocab_size),
+            ],
             check=True,
             capture_output=True,
         )
@@ -97,10 +102,12 @@ class VLLMServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vLLM exited ({self.proc.returncode}); log:\n{self.log_tail()}")
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(self.url + "/health", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    return
             time.sleep(1.0)
         raise TimeoutError(f"vLLM not healthy after {timeout}s; log:\n{self.log_tail()}")
 

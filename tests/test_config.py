@@ -148,7 +148,9 @@ def test_every_field_has_bad_values_or_is_listed() -> None:
         assert len(_bad_request_values(name)) >= 4
 
 
-@pytest.mark.parametrize(("name", "value"), ENV_CASES, ids=[f"{n}={v!r}"[:60] for n, v in ENV_CASES])
+@pytest.mark.parametrize(
+    ("name", "value"), ENV_CASES, ids=[f"{n}={v!r}"[:60] for n, v in ENV_CASES]
+)
 def test_bad_env_value_names_field_and_allowed(name: str, value: str) -> None:
     env = {"QR_" + name.upper(): value}
     with pytest.raises(ConfigError) as info:
@@ -346,7 +348,9 @@ def test_dotenv_file_and_precedence(tmp_path: Path) -> None:
         load_settings(env={}, env_file=dotenv)
 
 
-def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_process_environment_is_the_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("QR_TOP_K=3\nQR_TOP_P=0.5\n", encoding="utf-8")
     monkeypatch.setenv("QR_TOP_K", "11")

@@ -142,7 +142,9 @@ def test_v1_rows_follow_requests_through_removed_added_moved() -> None:
 
     # a new request replaces row 0 (order: removed, added, moved)
     proc.update_state(
-        BatchUpdate(batch_size=2, removed=[0], added=[(0, _params(qr_label="D"), None, [])], moved=[])
+        BatchUpdate(
+            batch_size=2, removed=[0], added=[(0, _params(qr_label="D"), None, [])], moved=[]
+        )
     )
     proc.apply(_logits(2, 4))
     assert {r: x.label for r, x in cap.last().items()} == {0: "D", 1: "A"}
@@ -291,8 +293,10 @@ def test_v2_recycled_slot_is_fully_reinitialised() -> None:
 def test_v2_per_request_settings_follow_their_request() -> None:
     proc = _v2(16)
     cap = _Capture(proc)
-    settings = {s: {"qr_label": f"r{s}", "qr_top_k": s + 1, "qr_fixed_temperature": 0.1 * s}
-                for s in range(10)}
+    settings = {
+        s: {"qr_label": f"r{s}", "qr_top_k": s + 1, "qr_fixed_temperature": 0.1 * s}
+        for s in range(10)
+    }
     for slot, xargs in settings.items():
         proc.add_request(slot, _params(**xargs))
     order = [7, 2, 9, 0, 4, 1, 8, 3, 6, 5]

@@ -17,13 +17,16 @@ from typing import Any
 
 import pytest
 from support_entropy_proc import EntropyServerProcess
-from support_vllm import VLLMServer, running_vllm, tiny_model
+from support_vllm import VLLMServer, free_port, running_vllm, tiny_model
 
 pytestmark = pytest.mark.engine
 
 
 class Stack:
-    def __init__(self, server: VLLMServer, entropy: EntropyServerProcess, records: Path) -> None:
+    def __init__(
+        self, server: VLLMServer, entropy: EntropyServerProcess, records: Path, metrics_port: int
+    ) -> None:
+        self.metrics_port = metrics_port
         self.server = server
         self.entropy = entropy
         self.records_path = records
@@ -56,7 +59,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     address = f"unix://{tmp}/entropy.sock"
     entropy = EntropyServerProcess(address, tmp / "entropy.log").start()
     records = tmp / "records.jsonl"
+    metrics_port = free_port()
     env = {
+        "QR_METRICS_PORT": str(metrics_port),
         "QR_ENTROPY_SOURCE_TYPE": "quantum_grpc",
         "QR_GRPC_SERVER_ADDRESS": address,
         "QR_GRPC_MODE": "bidi_streaming",
@@ -68,7 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     try:
         with running_vllm(tiny_model(), env, log_path=tmp / "vllm.log") as server:
-            yield Stack(server, entropy, records)
+            yield Stack(server, entropy, records, metrics_port)
     finally:
         entropy.stop()
 
@@ -212,7 +217,7 @@ def test_entropy_outage_falls_back_labelled_then_recovers(stack: Stack) -> None:
                 prompt="the light", max_tokens=48, return_token_ids=True, ignore_eos=True,
                 vllm_xargs={"qr_label": f"outage-{i}"},
             )  # fmt: skip
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
@@ -250,3 +255,30 @@ def test_entropy_outage_falls_back_labelled_then_recovers(stack: Stack) -> None:
         assert time.monotonic() < deadline, "primary source never came back"
         time.sleep(0.5)
     assert recs[-1]["entropy_source"] == "quantum_grpc"
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    totals: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            totals[name_labels.split("{")[0]] += float(value)
+            totals[name_labels] = float(value)
+    return totals
+
+
+def test_metrics_scraped_over_http_match_the_records(stack: Stack) -> None:
+    stack.server.complete(max_tokens=6, vllm_xargs={"qr_label": "metrics"})
+    recs = stack.records(settle=1.0)
+    metrics = _scrape(stack.metrics_port)
+    sampled = [r for r in recs if not r["failed"]]
+    assert metrics["qr_sampler_tokens_sampled_total"] == len(sampled)
+    assert metrics["qr_sampler_entropy_bytes_total"] == sum(r["byte_count"] for r in sampled)
+    fallback = sum(1 for r in recs if r["fallback"])
+    assert metrics.get("qr_sampler_fallback_tokens_total", 0.0) == fallback
+    assert metrics["qr_sampler_steps_total"] == len({r["step"] for r in recs})
+    assert metrics["qr_sampler_fetch_latency_seconds_count"] == metrics["qr_sampler_steps_total"]

@@ -177,6 +177,11 @@ class SamplingConfig(BaseModel):
 SAMPLING_FIELDS: frozenset[str] = frozenset(SamplingConfig.model_fields)
 
 
+def _same(name: str) -> Any:
+    """The SamplingConfig field ``name``, reused as the process-wide default."""
+    return SamplingConfig.model_fields[name]
+
+
 class QRSettings(BaseSettings):
     """Process-wide settings from ``QR_*`` environment variables and ``.env``.
 
@@ -279,13 +284,25 @@ class QRSettings(BaseSettings):
 
     # --- circuit breaker -----------------------------------------------
     cb_window_size: int = _f(
-        100, "an integer from 1 to 100000", "Latencies kept for the adaptive timeout.", ge=1, le=100_000
+        100,
+        "an integer from 1 to 100000",
+        "Latencies kept for the adaptive timeout.",
+        ge=1,
+        le=100_000,
     )
     cb_timeout_multiplier: float = _f(
-        1.5, "a number from 1 to 100", "Adaptive timeout = p99 latency x multiplier.", ge=1.0, le=100.0
+        1.5,
+        "a number from 1 to 100",
+        "Adaptive timeout = p99 latency x multiplier.",
+        ge=1.0,
+        le=100.0,
     )
     cb_min_timeout_ms: float = _f(
-        5.0, "a number > 0 and <= 600000", "Lower clamp of the adaptive timeout.", gt=0.0, le=600_000.0
+        5.0,
+        "a number > 0 and <= 600000",
+        "Lower clamp of the adaptive timeout.",
+        gt=0.0,
+        le=600_000.0,
     )
     cb_failure_threshold: int = _f(
         3, "an integer from 1 to 1000", "Consecutive failures that open the breaker.", ge=1, le=1000
@@ -294,7 +311,11 @@ class QRSettings(BaseSettings):
         5.0, "a number > 0 and <= 3600", "First wait before a half-open probe.", gt=0.0, le=3600.0
     )
     cb_max_recovery_s: float = _f(
-        300.0, "a number > 0 and <= 86400", "Cap of the doubling recovery wait.", gt=0.0, le=86_400.0
+        300.0,
+        "a number > 0 and <= 86400",
+        "Cap of the doubling recovery wait.",
+        gt=0.0,
+        le=86_400.0,
     )
 
     # --- continuous health tests (SP 800-90B 4.4) -----------------------
@@ -330,27 +351,23 @@ class QRSettings(BaseSettings):
     )
 
     # --- sampling defaults (overridable per request) ---------------------
-    signal_amplifier_type: Literal["zscore_mean"] = SamplingConfig.model_fields[
-        "signal_amplifier_type"
-    ]
-    sample_count: int = SamplingConfig.model_fields["sample_count"]
-    population_mean: float = SamplingConfig.model_fields["population_mean"]
-    population_std: float = SamplingConfig.model_fields["population_std"]
-    uniform_clamp_epsilon: float = SamplingConfig.model_fields["uniform_clamp_epsilon"]
-    temperature_strategy: Literal["fixed", "edt"] = SamplingConfig.model_fields[
-        "temperature_strategy"
-    ]
-    fixed_temperature: float = SamplingConfig.model_fields["fixed_temperature"]
-    edt_base_temp: float = SamplingConfig.model_fields["edt_base_temp"]
-    edt_exponent: float = SamplingConfig.model_fields["edt_exponent"]
-    edt_min_temp: float = SamplingConfig.model_fields["edt_min_temp"]
-    edt_max_temp: float = SamplingConfig.model_fields["edt_max_temp"]
-    top_k: int = SamplingConfig.model_fields["top_k"]
-    top_p: float = SamplingConfig.model_fields["top_p"]
-    min_p: float = SamplingConfig.model_fields["min_p"]
-    log_level: Literal["none", "summary", "full"] = SamplingConfig.model_fields["log_level"]
-    diagnostic_mode: bool = SamplingConfig.model_fields["diagnostic_mode"]
-    label: str = SamplingConfig.model_fields["label"]
+    signal_amplifier_type: Literal["zscore_mean"] = _same("signal_amplifier_type")
+    sample_count: int = _same("sample_count")
+    population_mean: float = _same("population_mean")
+    population_std: float = _same("population_std")
+    uniform_clamp_epsilon: float = _same("uniform_clamp_epsilon")
+    temperature_strategy: Literal["fixed", "edt"] = _same("temperature_strategy")
+    fixed_temperature: float = _same("fixed_temperature")
+    edt_base_temp: float = _same("edt_base_temp")
+    edt_exponent: float = _same("edt_exponent")
+    edt_min_temp: float = _same("edt_min_temp")
+    edt_max_temp: float = _same("edt_max_temp")
+    top_k: int = _same("top_k")
+    top_p: float = _same("top_p")
+    min_p: float = _same("min_p")
+    log_level: Literal["none", "summary", "full"] = _same("log_level")
+    diagnostic_mode: bool = _same("diagnostic_mode")
+    label: str = _same("label")
 
     @classmethod
     def settings_customise_sources(
@@ -541,7 +558,9 @@ def parse_request_options(
                 f"set {ENV_PREFIX}{name.upper()} in the server's environment"
             )
         if name not in SAMPLING_FIELDS:
-            allowed = ", ".join(sorted([BYPASS_KEY, *(REQUEST_PREFIX + n for n in SAMPLING_FIELDS)]))
+            allowed = ", ".join(
+                sorted([BYPASS_KEY, *(REQUEST_PREFIX + n for n in SAMPLING_FIELDS)])
+            )
             raise ConfigError(f"{key}: unknown qr-sampler key; allowed keys: {allowed}")
         if not isinstance(value, _SCALARS):
             raise ConfigError(

@@ -46,7 +46,8 @@ def sample_means(chunks: Sequence[bytes]) -> FloatArray:
     if n and all(len(c) == n for c in chunks):
         block = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), n)
         sums = block.sum(axis=1, dtype=np.uint64).astype(np.float64)
-        return sums / n
+        result: FloatArray = sums / n
+        return result
     out = np.empty(len(chunks), dtype=np.float64)
     for i, c in enumerate(chunks):
         if not c:

@@ -59,7 +59,7 @@ def scale_logits(logits: torch.Tensor, params: SelectionParams) -> tuple[torch.T
     greedy = params.temperature <= 0
     t = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
     x = logits.float() / t.float().unsqueeze(1)
-    x = torch.nan_to_num(x, nan=float("-inf"))
+    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
     top_k = torch.where(greedy, torch.ones_like(params.top_k), params.top_k)
     return x, top_k
 
@@ -312,7 +312,8 @@ def select_chunked(
     valid = ids < vocab
     ids = ids.clamp(max=vocab - 1)
     x = logits.gather(1, ids).float() / t.unsqueeze(1)
-    x = torch.nan_to_num(x, nan=float("-inf")).masked_fill(~valid, float("-inf"))
+    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
+    x = x.masked_fill(~valid, float("-inf"))
     vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
     idx = ids.gather(1, order)
     exact = (vals > tau.unsqueeze(1)).sum(dim=-1)

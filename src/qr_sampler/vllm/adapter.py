@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,10 +130,10 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         self.defaults: SamplingConfig = self.settings.sampling()
         if len(args) == 2 and isinstance(args[0], torch.device):  # V1
             self.runner = "v1"
-            self.device = args[0]
+            self.device: torch.device | None = args[0]
         else:  # V2: (req_states,)
             self.runner = "v2"
-            self.device = getattr(args[0], "device", torch.device("cpu")) if args else None
+            self.device = getattr(args[0], "device", None) if args else None
         self.tp = _Tp.detect()
         self.draws_entropy = self.tp.rank == 0
         self.rows: dict[int, RowState | None] = {}  # V1 row / V2 slot -> state (None = bypass)
@@ -141,8 +142,19 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         self._trace = _rank_trace(self.tp.rank)
         self._failures = 0
         if self.draws_entropy:
-            info = {k: v for k, v in self.settings.public_dict().items() if k.startswith(
-                ("entropy_source", "grpc_server_address", "grpc_mode", "fallback", "sample_count"))}
+            info = {
+                k: v
+                for k, v in self.settings.public_dict().items()
+                if k.startswith(
+                    (
+                        "entropy_source",
+                        "grpc_server_address",
+                        "grpc_mode",
+                        "fallback",
+                        "sample_count",
+                    )
+                )
+            }
             logger.warning(
                 "qr-sampler active (%s model runner, TP %d/%d): %s",
                 self.runner,
@@ -155,11 +167,14 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
     def pipeline(self) -> SamplingPipeline:
         """Built on first use, on the rank that draws entropy only."""
         if self._pipeline is None:
-            from qr_sampler.vllm.metrics_hook import listeners_for
+            from qr_sampler.vllm.metrics_hook import metrics_recorder
 
+            recorder = metrics_recorder(self.settings)
             self._pipeline = SamplingPipeline(
-                self.settings, eos_token_id=self._eos, listeners=listeners_for(self.settings)
+                self.settings, eos_token_id=self._eos, listeners=[recorder] if recorder else []
             )
+            if recorder is not None:
+                recorder.watch_pipeline(self._pipeline)
         return self._pipeline
 
     # ------------------------------------------------------ request admission
@@ -223,6 +238,7 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
     # ----------------------------------------------------------------- apply
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         started = time.time_ns()
+        row_keys: Sequence[int]
         if ctx is None:  # V1: row i is persistent-batch row i
             row_keys = range(logits.shape[0])
         else:  # V2: row i belongs to slot idx_mapping_np[i]

@@ -1,0 +1,95 @@
+"""Shared helpers for the benchmarks: bounded timing loops, a fast in-memory
+entropy source, machine facts and the one-line verdict each target prints.
+
+Benchmarks are not tests: they print numbers and ratios against a baseline
+measured in the same run, and never fail a build on speed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+from qr_sampler.entropy.base import EntropyChunk, EntropySource
+
+
+def median_ms(
+    fn: Callable[[], Any],
+    *,
+    setup: Callable[[], Any] | None = None,
+    iters: int = 30,
+    warmup: int = 3,
+    budget_s: float = 10.0,
+) -> float:
+    """Median wall time of ``fn`` in milliseconds, ``setup`` (untimed) before each
+    call; bounded by ``iters`` calls and ``budget_s`` seconds (at least 3 calls)."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    times: list[float] = []
+    deadline = time.monotonic() + budget_s
+    for i in range(iters):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.monotonic() > deadline:
+            break
+    return statistics.median(times)
+
+
+class PoolSource(EntropySource):
+    """Fast in-memory entropy: slices of one pre-drawn random pool (benchmarks only,
+    so that a step measures the sampling math, not an entropy transport)."""
+
+    name: ClassVar[str] = "bench_pool"
+
+    def __init__(self, pool_bytes: int = 16 << 20, seed: int = 0) -> None:
+        import numpy as np
+
+        self._pool = np.random.default_rng(seed).integers(0, 256, pool_bytes, np.uint8).tobytes()
+        self._offset = 0
+
+    def fetch(self, sizes: Sequence[int]) -> list[EntropyChunk]:
+        out: list[EntropyChunk] = []
+        for n in sizes:
+            if self._offset + n > len(self._pool):
+                self._offset = 0
+            data = self._pool[self._offset : self._offset + n]
+            self._offset += n
+            out.append(EntropyChunk(data=data, source=self.name, generation_timestamp_ns=0))
+        return out
+
+
+def machine() -> str:
+    """One line: CPU model, cores, Python, torch (and GPU when used)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    parts = [cpu, f"{os.cpu_count()} cores", f"Python {platform.python_version()}"]
+    try:
+        import torch
+
+        parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
+def verdict(name: str, value: float, target: float, *, higher_is_better: bool) -> str:
+    """``name: value (target ...) -> met / MISSED``."""
+    ok = value >= target if higher_is_better else value <= target
+    rel = ">=" if higher_is_better else "<="
+    return f"{name}: {value:.2f} (target {rel} {target:g}) -> {'met' if ok else 'MISSED'}"
