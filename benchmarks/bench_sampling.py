@@ -34,19 +34,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import PoolSource, machine, median_ms, verdict
+from benchmarks.common import PoolSource, interleaved_ms, machine, verdict
 from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
 from qr_sampler.sampling.select import (
+    DEFAULT_HEAD,
     SelectionParams,
     effective_temperature,
     force_tokens,
     row_stats,
     select_chunked,
+    set_fused_kernels,
 )
 
 VOCAB = 151_936
+HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
 SETTINGS = {
     "default": {},
     "top_k=50,top_p=0.9": {"top_k": 50, "top_p": 0.9},
@@ -140,7 +143,9 @@ def count_syncs(fn: Callable[[], Any]) -> int:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def run(device: torch.device, batches: list[int], iters: int, budget_s: float) -> list[dict[str, Any]]:
+def run(
+    device: torch.device, batches: list[int], iters: int, budget_s: float
+) -> list[dict[str, Any]]:
     native_name, native = native_sampler()
     cpu_forward = vllm_cpu_forward() if device.type == "cpu" else None
     print(f"machine: {machine()}")
@@ -153,64 +158,83 @@ def run(device: torch.device, batches: list[int], iters: int, budget_s: float) -
     for batch in batches:
         n_sets = 3 if device.type == "cuda" else 1
         sources = [(torch.randn(batch, VOCAB, generator=gen) * 3).to(device) for _ in range(n_sets)]
-        work = torch.empty_like(sources[0])
-        turn = [0]
-
-        def refill(work: torch.Tensor = work, sources: list[torch.Tensor] = sources) -> None:
-            work.copy_(sources[turn[0] % len(sources)])
-            turn[0] += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-
         for label, overrides in SETTINGS.items():
-            config = SamplingConfig(**overrides)
-            rows = [RowState.of(config, f"r{i}") for i in range(batch)]
-            pipe = SamplingPipeline(settings, source=PoolSource(), sink=RecordSink(None))
-            temp = torch.full((batch,), config.fixed_temperature, device=device)
-            k = torch.full((batch,), config.top_k, device=device) if config.top_k else None
-            p = torch.full((batch,), config.top_p, device=device) if config.top_p < 1 else None
-            u = np.random.default_rng(batch).random(batch)
-
-            def math_step(
-                pipe: SamplingPipeline = pipe, rows: list[RowState] = rows, u: np.ndarray = u
-            ) -> None:
-                ids, _ = pipe.choose(work, None, rows, u)
-                force_tokens(work, None, ids)
-
-            cells: dict[str, Any] = {"batch": batch, "settings": label}
-            cells["native_ms"] = median_ms(
-                lambda temp=temp, k=k, p=p: native(work, temp, k, p),
-                setup=refill,
-                iters=iters,
-                budget_s=budget_s,
+            cells = _measure(
+                Case(device, sources, SamplingConfig(**overrides), settings),
+                native,
+                cpu_forward,
+                iters,
+                budget_s,
             )
-            if cpu_forward is not None:
-                cells["vllm_cpu_fused_ms"] = median_ms(
-                    lambda temp=temp, k=k, p=p: cpu_forward(work, temp, k, p),
-                    setup=refill,
-                    iters=iters,
-                    budget_s=budget_s,
-                )
-            cells["math_ms"] = median_ms(math_step, setup=refill, iters=iters, budget_s=budget_s)
-            cells["step_ms"] = median_ms(
-                lambda pipe=pipe, rows=rows: pipe.sample(work, rows),
-                setup=refill,
-                iters=iters,
-                budget_s=budget_s,
-            )
-            cells["math_ratio"] = cells["math_ms"] / cells["native_ms"]
-            cells["step_ratio"] = cells["step_ms"] / cells["native_ms"]
-            cells["fallback_rows"] = _unresolved_rows(sources, config, u)
-            if device.type == "cuda":
-                refill()
-                cells["syncs_native"] = count_syncs(lambda temp=temp, k=k, p=p: native(work, temp, k, p))
-                refill()
-                cells["syncs_step"] = count_syncs(lambda pipe=pipe, rows=rows: pipe.sample(work, rows))
-            pipe.close()
+            cells["settings"] = label
             results.append(cells)
             print(_row(cells), flush=True)
-        del sources, work
+        del sources
     return results
+
+
+class Case:
+    """One batch size and setting: pristine logits, a work buffer, the pipeline."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        sources: list[torch.Tensor],
+        config: SamplingConfig,
+        settings: Any,
+    ) -> None:
+        self.device = device
+        self.sources = sources
+        self.config = config
+        self.batch = sources[0].shape[0]
+        self.work = torch.empty_like(sources[0])
+        self.turn = 0
+        self.rows = [RowState.of(config, f"r{i}") for i in range(self.batch)]
+        self.pipe = SamplingPipeline(
+            settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
+        )
+        b = self.batch
+        self.temp = torch.full((b,), config.fixed_temperature, device=device)
+        self.k = torch.full((b,), config.top_k, device=device) if config.top_k else None
+        self.p = torch.full((b,), config.top_p, device=device) if config.top_p < 1 else None
+        self.u = np.random.default_rng(b).random(b)
+
+    def refill(self) -> None:
+        self.work.copy_(self.sources[self.turn % len(self.sources)])
+        self.turn += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def math_step(self) -> None:
+        ids, _ = self.pipe.choose(self.work, None, self.rows, self.u)
+        force_tokens(self.work, None, ids)
+
+    def step(self) -> None:
+        self.pipe.sample(self.work, self.rows)
+
+
+def _measure(
+    case: Case, native: NativeFn, cpu_forward: NativeFn | None, iters: int, budget_s: float
+) -> dict[str, Any]:
+    fns: dict[str, Callable[[], Any]] = {
+        "native_ms": lambda: native(case.work, case.temp, case.k, case.p),
+        "math_ms": case.math_step,
+        "step_ms": case.step,
+    }
+    if cpu_forward is not None:
+        fns["vllm_cpu_fused_ms"] = lambda: cpu_forward(case.work, case.temp, case.k, case.p)
+    cells: dict[str, Any] = {"batch": case.batch}
+    cells.update(interleaved_ms(fns, setup=case.refill, iters=iters, budget_s=budget_s))
+    cells["math_ratio"] = cells["math_ms"] / cells["native_ms"]
+    cells["step_ratio"] = cells["step_ms"] / cells["native_ms"]
+    cells["fallback_rows"] = _unresolved_rows(case.sources, case.config, case.u)
+    if case.device.type == "cuda":
+        case.refill()
+        cells["syncs_native"] = count_syncs(fns["native_ms"])
+        case.refill()
+        cells["syncs_step"] = count_syncs(case.step)
+    case.pipe.close()
+    return cells
 
 
 def _unresolved_rows(sources: list[torch.Tensor], config: SamplingConfig, u: np.ndarray) -> float:
@@ -228,7 +252,7 @@ def _unresolved_rows(sources: list[torch.Tensor], config: SamplingConfig, u: np.
         )
         stats = row_stats(logits, effective_temperature(params))
         assert stats.lse is not None
-        _, resolved = select_chunked(logits, params, stats.lse, stats.num_finite)
+        _, resolved = select_chunked(logits, params, stats.lse, stats.num_finite, HEAD)
         total += int((~resolved).sum())
     return total / len(sources)
 
@@ -252,10 +276,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=8.0, help="time bound per cell")
+    ap.add_argument("--budget-s", type=float, default=20.0, help="time bound per cell")
+    ap.add_argument("--head", type=int, default=DEFAULT_HEAD, help="chunks in the head")
+    ap.add_argument("--eager", action="store_true", help="no torch.compile on CUDA")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.eager:
+        set_fused_kernels(False)
+    global HEAD
+    HEAD = args.head
     batches = [int(b) for b in args.batches.split(",")]
     results = run(device, batches, args.iters, args.budget_s)
     limit, floor = (2.0, 8) if device.type == "cpu" else (1.5, 64)

@@ -44,6 +44,37 @@ def median_ms(
     return statistics.median(times)
 
 
+def interleaved_ms(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    setup: Callable[[], Any] | None = None,
+    iters: int = 30,
+    warmup: int = 3,
+    budget_s: float = 20.0,
+) -> dict[str, float]:
+    """Median wall time (ms) of each function, measured round-robin so that a
+    baseline and its candidate share the machine's noise; ``setup`` (untimed)
+    runs before every call. Bounded by ``iters`` rounds and ``budget_s`` seconds
+    (at least 3 rounds)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            if setup is not None:
+                setup()
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    deadline = time.monotonic() + budget_s
+    for i in range(iters):
+        for name, fn in fns.items():
+            if setup is not None:
+                setup()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        if i >= 2 and time.monotonic() > deadline:
+            break
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 class PoolSource(EntropySource):
     """Fast in-memory entropy: slices of one pre-drawn random pool (benchmarks only,
     so that a step measures the sampling math, not an entropy transport)."""

@@ -139,6 +139,7 @@ class ServerProcess:
         address: str = "127.0.0.1:0",
         script: str | None = None,
         python: str = sys.executable,
+        prefix: list[str] | None = None,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
     ) -> None:
@@ -147,6 +148,7 @@ class ServerProcess:
         self.args = list(args or [])
         self.script = script
         self.python = python
+        self.prefix = prefix
         self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen[str] | None = None
@@ -154,8 +156,15 @@ class ServerProcess:
         self._reader: threading.Thread | None = None
 
     def command(self) -> list[str]:
-        head = [self.script] if self.script else ["-m", "qr_sampler.cli", "serve"]
-        return [self.python, *head, "--address", self.requested, *self.args]
+        """``prefix`` (e.g. ``[".../qr-sampler", "serve"]``), else ``python script``,
+        else ``python -m qr_sampler.cli serve``; then ``--address`` and ``args``."""
+        if self.prefix is not None:
+            head = list(self.prefix)
+        elif self.script:
+            head = [self.python, self.script]
+        else:
+            head = [self.python, "-m", "qr_sampler.cli", "serve"]
+        return [*head, "--address", self.requested, *self.args]
 
     def start(self, tries: int = 600) -> ServerProcess:
         env = {k: v for k, v in (self.env or os.environ).items() if not k.startswith("QR_")}

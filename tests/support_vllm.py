@@ -65,6 +65,7 @@ class VLLMServer:
         extra_args: list[str] | None = None,
         log_path: Path | None = None,
         max_num_seqs: int = 8,
+        eager: bool = True,
     ) -> None:
         self.model = model
         self.port = free_port()
@@ -87,7 +88,8 @@ class VLLMServer:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(model), "--served-model-name", "tiny",
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-model-len", "256", "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "256", "--dtype", "float32",
+            *(["--enforce-eager"] if eager else []),
             "--max-num-seqs", str(max_num_seqs),
             *(extra_args or []),
         ]  # fmt: skip

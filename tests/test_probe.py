@@ -36,9 +36,11 @@ def probe(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str
 
 
 def biased(n: int) -> bytes:
-    """os.urandom with 1% of the bytes forced to 0xff (mean shift +1.3)."""
+    """os.urandom with 1/256 of the bytes forced to 0xff: twice the expected
+    count of 0xff, yet runs of six 0xff (the repetition-count cutoff) stay rarer
+    than 1 in 10,000 probes."""
     data = np.frombuffer(os.urandom(n), dtype=np.uint8).copy()
-    flip = np.frombuffer(os.urandom(n), dtype=np.uint8) < 3  # 3/256 ~ 1.2%
+    flip = np.frombuffer(os.urandom(n), dtype=np.uint8) == 0
     data[flip] = 0xFF
     return data.tobytes()
 
@@ -216,3 +218,33 @@ def test_statistics_fallbacks_agree_with_scipy() -> None:
             del sys.modules["scipy"]
         else:
             sys.modules["scipy"] = saved
+
+
+def test_progress_bar_on_a_terminal_and_plain_lines_otherwise() -> None:
+    """A StringIO that claims to be a terminal stands in for one."""
+    from qr_sampler.probe import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Terminal()
+    bar = Progress(tty)
+    for i in range(11):
+        bar.update("unary", i, 10)
+    text = tty.getvalue()
+    assert text.count("\r") == 11 and text.endswith("[" + "#" * 30 + "] 10/10\n")
+    plain = io.StringIO()
+    lines = Progress(plain)
+    for i in range(101):
+        lines.update("bidi_streaming", i, 100)
+    assert plain.getvalue().splitlines() == [
+        "bidi_streaming: 100 requests",
+        "bidi_streaming: 25/100",
+        "bidi_streaming: 50/100",
+        "bidi_streaming: 75/100",
+        "bidi_streaming: 100/100",
+    ]
+    silent = io.StringIO()
+    Progress(silent, enabled=False).update("unary", 1, 2)
+    assert silent.getvalue() == ""

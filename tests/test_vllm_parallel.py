@@ -130,3 +130,35 @@ def test_data_parallel_engines_sample_independently(
         assert all(r["entropy_source"] == "quantum_grpc" for r in mine)
     engines = {r["request_id"].split("-")[0] for r in records}
     assert len(engines) == 2, f"expected both DP engines to sample, saw {engines}"
+
+
+def test_pipeline_parallel_only_the_last_stage_samples(
+    tmp_path: Path, counting_entropy: EntropyServerProcess
+) -> None:
+    """PP needs no exchange: only the last stage calls apply(). (PP on the CPU
+    build runs only with compilation on, hence ``eager=False``.)"""
+    trace = tmp_path / "trace"
+    env = _env(
+        counting_entropy,
+        tmp_path,
+        QRSAMPLER_RANK_TRACE_DIR=str(trace),
+        VLLM_CPU_OMP_THREADS_BIND="0|1",
+    )
+    with running_vllm(
+        tiny_model(),
+        env,
+        ["--pipeline-parallel-size", "2"],
+        eager=False,
+        log_path=tmp_path / "vllm.log",
+    ) as server:
+        out = server.complete(PROMPT, max_tokens=8, return_token_ids=True, ignore_eos=True,
+                              vllm_xargs={"qr_label": "pp"})  # fmt: skip
+        time.sleep(0.5)
+    tokens = list(out["choices"][0]["token_ids"])
+    files = list(trace.glob("rank*.jsonl"))
+    assert len(files) == 1, f"exactly one stage must force tokens, saw {files}"
+    steps = _read_jsonl(files[0])
+    assert [s["tokens"][0] for s in steps] == tokens
+    assert counting_entropy.requests_served() == len(tokens)
+    records = _read_jsonl(tmp_path / "records.jsonl")
+    assert [r["token_id"] for r in sorted(records, key=lambda r: r["step"])] == tokens

@@ -39,6 +39,7 @@ from qr_sampler.sampling.select import (
     DEFAULT_HEAD,
     Selection,
     SelectionParams,
+    call_fused,
     effective_temperature,
     force_tokens,
     log_normalizer,
@@ -121,8 +122,10 @@ class SamplingPipeline:
     ) -> None:
         self.settings = settings
         self.source = source if source is not None else build_entropy(settings)
-        self.sink = sink if sink is not None else RecordSink(
-            settings.records_path or None, ring_size=settings.diagnostics_max
+        self.sink = (
+            sink
+            if sink is not None
+            else RecordSink(settings.records_path or None, ring_size=settings.diagnostics_max)
         )
         self.eos_token_id = eos_token_id
         self.head_size = head_size
@@ -176,37 +179,18 @@ class SamplingPipeline:
         block[:, _U] = u
         dev = _to_device(block, logits.device)
         sub = logits if row_index is None else logits.index_select(0, row_index)
-        any_edt = bool(block[:, _EDT].any())
-        if any_edt:
-            stats = row_stats(sub)
-        else:  # temperatures are known now: one fused pass gives everything
-            fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0)
-            stats = row_stats(sub, _to_device(fixed.astype(np.float32), logits.device))
-        t, entropy = temperatures(
-            sub,
-            is_edt=dev[:, _EDT] > 0,
-            fixed=dev[:, _FIXED].float(),
-            base=dev[:, _BASE].float(),
-            exponent=dev[:, _EXP].float(),
-            t_min=dev[:, _TMIN].float(),
-            t_max=dev[:, _TMAX].float(),
-            entropy=stats.entropy,
+        fixed_t = None
+        if not block[:, _EDT].any():  # temperatures known now: one pass gives every statistic
+            fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0).astype(np.float32)
+            fixed_t = _to_device(fixed, logits.device)
+        token_ids, out, t = call_fused(
+            "pipeline_step", _device_step, logits.device, sub, dev, fixed_t, self.head_size
         )
-        params = SelectionParams(
-            temperature=t,
-            top_k=dev[:, _TOPK].long(),
-            top_p=dev[:, _TOPP],
-            min_p=dev[:, _MINP],
-            u=dev[:, _U],
-        )
-        lse = stats.lse
-        if lse is None:
-            lse = log_normalizer(sub, stats.max_logit, effective_temperature(params))
-        sel, resolved = select_chunked(sub, params, lse, stats.num_finite, self.head_size)
-        host = self._to_host(sel, resolved, t, entropy)  # the one sync of a normal step
-        token_ids = sel.token_ids
+        host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
         if pending.size:
+            params = _selection_params(dev, t)
+            entropy = out[:, _ENT].float()
             idx = torch.from_numpy(pending).to(logits.device)
             rest = select_sorted(
                 sub.index_select(0, idx),
@@ -214,7 +198,10 @@ class SamplingPipeline:
             )
             token_ids = token_ids.index_copy(0, idx, rest.token_ids)
             host[pending] = self._to_host(
-                rest, torch.ones_like(rest.rank), t.index_select(0, idx), entropy.index_select(0, idx)
+                rest,
+                torch.ones_like(rest.rank),
+                t.index_select(0, idx),
+                entropy.index_select(0, idx),
             )
         return token_ids, host
 
@@ -315,6 +302,41 @@ class SamplingPipeline:
 
 
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
+
+
+def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
+    return SelectionParams(
+        temperature=t,
+        top_k=dev[:, _TOPK].long(),
+        top_p=dev[:, _TOPP],
+        min_p=dev[:, _MINP],
+        u=dev[:, _U],
+    )
+
+
+def _device_step(
+    sub: torch.Tensor, dev: torch.Tensor, fixed_t: torch.Tensor | None, head_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stages 5-6 on the logits' device, host-sync free (compiled whole on CUDA):
+    token ids, the result block (float64, columns _TOK.._ENT) and the temperatures."""
+    stats = row_stats(sub, fixed_t, fused=False)
+    t, entropy = temperatures(
+        sub,
+        is_edt=dev[:, _EDT] > 0,
+        fixed=dev[:, _FIXED].float(),
+        base=dev[:, _BASE].float(),
+        exponent=dev[:, _EXP].float(),
+        t_min=dev[:, _TMIN].float(),
+        t_max=dev[:, _TMAX].float(),
+        entropy=stats.entropy,
+    )
+    params = _selection_params(dev, t)
+    lse = stats.lse
+    if lse is None:
+        lse = log_normalizer(sub, stats.max_logit, effective_temperature(params), fused=False)
+    sel, resolved = select_chunked(sub, params, lse, stats.num_finite, head_size)
+    cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
+    return sel.token_ids, torch.stack([c.double() for c in cols], dim=1), t
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

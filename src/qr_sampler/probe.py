@@ -342,6 +342,20 @@ def run_checks(
     return checks
 
 
+_UNREACHABLE_HINTS = (
+    "failed to connect",
+    "connection refused",
+    "deadline",
+    "resolve",
+    "no such file",
+)
+
+
+def _looks_unreachable(error: str) -> bool:
+    text = error.lower()
+    return any(h in text for h in _UNREACHABLE_HINTS)
+
+
 def _api_key(var: str | None, settings: QRSettings) -> str:
     if var is None:
         return settings.grpc_api_key.get_secret_value()
@@ -440,11 +454,10 @@ def probe(args: argparse.Namespace, err: TextIO) -> ProbeReport:
     if hard:
         first = hard[0]
         status = EXIT_UNREACHABLE
-        what = (
-            "unreachable"
-            if first.requests == 0 and first.error_kind == "unavailable"
-            else (f"{first.mode} failed after {first.requests} request(s)")
-        )
+        if first.requests == 0 and _looks_unreachable(first.error):
+            what = f"unreachable: cannot connect to {address}"
+        else:
+            what = f"{first.mode} failed after {first.requests} request(s)"
         reason = f"{what}: {first.error}"
     elif explicit and results and results[0].error:
         status, reason = EXIT_UNREACHABLE, f"{results[0].mode}: {results[0].error}"
@@ -499,7 +512,7 @@ def format_report(report: ProbeReport) -> str:
             )
         if m.error:
             note = "not offered by the server" if m.error_kind == "unimplemented" else "ERROR"
-            lines.append(f"{'':<17} {note}: {m.error}")
+            lines.append(f"{'' if m.requests else m.mode:<17} {note}: {m.error}")
     devices = sorted({m.device_id for m in report.modes if m.device_id})
     if report.checks:
         lines += [

@@ -8,16 +8,27 @@ from dataclasses import replace
 from typing import ClassVar
 
 from qr_sampler.entropy.base import EntropyChunk, EntropySource
-from qr_sampler.errors import EntropyError
+from qr_sampler.errors import EntropyError, EntropyReplyError
 
 logger = logging.getLogger(__name__)
 
 
-class FallbackSource(EntropySource):
-    """Try ``primary``; on :class:`EntropyError` serve ``fallback`` with a label.
+def _check_reply(name: str, chunks: Sequence[EntropyChunk], sizes: Sequence[int]) -> None:
+    """Short, missing or surplus bytes are a failure, never entropy."""
+    if len(chunks) != len(sizes):
+        raise EntropyReplyError(f"{name} returned {len(chunks)} chunks for {len(sizes)} requests")
+    for chunk, n in zip(chunks, sizes, strict=True):
+        if len(chunk.data) != n:
+            raise EntropyReplyError(f"{name} returned {len(chunk.data)} bytes where {n} were asked")
 
-    With ``fallback=None`` (fallback mode ``error``) the primary's error
-    propagates. Every chunk served by the fallback has ``fallback=True`` and
+
+class FallbackSource(EntropySource):
+    """Try ``primary``; when it fails serve ``fallback`` with a label.
+
+    A failure is an :class:`EntropyError`, any other exception from the primary,
+    or a reply with the wrong number of chunks or bytes (``bad_reply``). With
+    ``fallback=None`` (fallback mode ``error``) the failure propagates as an
+    :class:`EntropyError`. Every chunk served by the fallback has ``fallback=True`` and
     ``fallback_reason`` set to the failure's reason and message.
     ``on_fallback`` is called once per fallback batch (metrics hook).
     """
@@ -38,9 +49,19 @@ class FallbackSource(EntropySource):
     def fetch(self, sizes: Sequence[int]) -> list[EntropyChunk]:
         try:
             chunks = self.primary.fetch(sizes)
-        except EntropyError as exc:
+            _check_reply(self.primary.name, chunks, sizes)
+        except Exception as raw:
+            # any failure of the primary (a plugin may raise OSError...) is an
+            # entropy failure: labelled fallback, or an EntropyError in error mode
+            exc = (
+                raw
+                if isinstance(raw, EntropyError)
+                else EntropyError(f"{type(raw).__name__}: {raw}")
+            )
             if self.fallback is None:
-                raise
+                if exc is raw:
+                    raise
+                raise exc from raw
             reason = f"{exc.reason}: {exc}"[:200]
             if not self._degraded:
                 self._degraded = True

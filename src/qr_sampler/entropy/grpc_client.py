@@ -245,7 +245,9 @@ class _BidiStream:
         waiter = _Waiter(seq, size)
         with self._lock:
             if self.closed:  # e.g. refused at once (bad API key): say why
-                raise self.error or EntropyUnavailableError("stream closed")
+                if self.error is not None:
+                    raise type(self.error)(*self.error.args)
+                raise EntropyUnavailableError("stream closed")
             self._pending[seq] = waiter
             self._requests.put(payload)
         return waiter
@@ -669,8 +671,8 @@ class QuantumGrpcSource(EntropySource):
                 )
                 stream.fail(error)  # a stalled stream is replaced on the next fetch
                 raise error
-            if waiter.error is not None:
-                raise waiter.error
+            if waiter.error is not None:  # shared by every waiter of the stream: copy it
+                raise type(waiter.error)(*waiter.error.args)
             assert waiter.reply is not None
             replies.append(_check_reply(waiter.reply, waiter.size, None))  # matched by seq
         return replies

@@ -54,7 +54,9 @@ class Selection:
     num_candidates: torch.Tensor  # int64, tokens left after truncation
 
 
-def scale_logits(logits: torch.Tensor, params: SelectionParams) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_logits(
+    logits: torch.Tensor, params: SelectionParams
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x = logits / T as float32 (greedy rows use T = 1), and the effective top_k."""
     greedy = params.temperature <= 0
     t = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
@@ -81,7 +83,7 @@ def _select_window(
     By default the whole window is. Returns the selection and a mask of rows whose
     answer is exact from this window alone.
     """
-    rows, width = vals.shape
+    width = vals.shape[1]
     pos = torch.arange(width, device=vals.device)
     kk = torch.where((top_k > 0) & (top_k < vocab), top_k, torch.full_like(top_k, vocab))
     in_k = pos.unsqueeze(0) < kk.unsqueeze(1)
@@ -103,7 +105,9 @@ def _select_window(
         minp_ends_inside = k_in_window | ~keep.gather(1, last).squeeze(1)
     else:
         minp_ends_inside = k_in_window | ~keep[:, -1]
-    z_m = torch.where(minp_ends_inside, (p * keep).sum(-1), torch.ones_like(lse_full, dtype=p.dtype))
+    z_m = torch.where(
+        minp_ends_inside, (p * keep).sum(-1), torch.ones_like(lse_full, dtype=p.dtype)
+    )
     q = p * keep / z_m.unsqueeze(1)
 
     # top-p on the renormalised prefix
@@ -196,11 +200,16 @@ def _row_stats_eager(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     x = logits.float()
     m = x.amax(dim=-1, keepdim=True)
-    e = torch.exp(x - m)
-    p = e / e.sum(dim=-1, keepdim=True)
-    entropy = -torch.special.xlogy(p, p).sum(dim=-1)
-    num_finite = torch.isfinite(x).sum(dim=-1)
-    lse = None if t is None else _log_normalizer_eager(x, m.squeeze(1), t)
+    # shifted logits; -inf becomes the most negative float so that exp(d) * d = 0
+    d = (x - m).clamp_(min=torch.finfo(torch.float32).min)
+    e = torch.exp(d)
+    s = e.sum(dim=-1)
+    entropy = torch.log(s) - torch.linalg.vecdot(e, d) / s
+    num_finite = (x > float("-inf")).sum(dim=-1)
+    lse = None
+    if t is not None:
+        tt = t.float()
+        lse = m.squeeze(1) / tt + torch.log(torch.exp(d / tt.unsqueeze(1)).sum(dim=-1))
     return m.squeeze(1), entropy, num_finite, lse
 
 
@@ -234,7 +243,8 @@ def _fused(name: str, fn: Any, device: torch.device) -> Any:
     return compiled
 
 
-def _call_fused(name: str, fn: Any, device: torch.device, *args: Any) -> Any:
+def call_fused(name: str, fn: Any, device: torch.device, *args: Any) -> Any:
+    """``fn(*args)``, through torch.compile on CUDA (see :func:`set_fused_kernels`)."""
     impl = _fused(name, fn, device)
     if impl is fn:
         return fn(*args)
@@ -246,20 +256,28 @@ def _call_fused(name: str, fn: Any, device: torch.device, *args: Any) -> Any:
         return fn(*args)
 
 
-def row_stats(logits: torch.Tensor, temperature: torch.Tensor | None = None) -> RowStats:
+def row_stats(
+    logits: torch.Tensor, temperature: torch.Tensor | None = None, *, fused: bool = True
+) -> RowStats:
     """Max, entropy at T = 1 and finite count of each row; with ``temperature``
-    (per row, > 0) also logsumexp(logits / T). Fused into few passes on CUDA."""
-    m, entropy, num_finite, lse = _call_fused(
-        "row_stats", _row_stats_eager, logits.device, logits, temperature
-    )
+    (per row, > 0) also logsumexp(logits / T). Fused into few passes on CUDA
+    unless ``fused`` is False (inside a function that is compiled as a whole)."""
+    if fused:
+        m, entropy, num_finite, lse = call_fused(
+            "row_stats", _row_stats_eager, logits.device, logits, temperature
+        )
+    else:
+        m, entropy, num_finite, lse = _row_stats_eager(logits, temperature)
     return RowStats(max_logit=m, entropy=entropy, num_finite=num_finite, lse=lse)
 
 
 def log_normalizer(
-    logits: torch.Tensor, max_logit: torch.Tensor, temperature: torch.Tensor
+    logits: torch.Tensor, max_logit: torch.Tensor, temperature: torch.Tensor, *, fused: bool = True
 ) -> torch.Tensor:
     """logsumexp(logits / T) per row, given the row maxima (T > 0)."""
-    out: torch.Tensor = _call_fused(
+    if not fused:
+        return _log_normalizer_eager(logits, max_logit, temperature)
+    out: torch.Tensor = call_fused(
         "log_normalizer", _log_normalizer_eager, logits.device, logits, max_logit, temperature
     )
     return out

@@ -376,6 +376,8 @@ class EntropyServer:
                 ("grpc.max_send_message_length", o.max_bytes + 65_536),
                 ("grpc.max_receive_message_length", 65_536),
                 ("grpc.max_concurrent_streams", max(100, 2 * o.max_streams)),
+                # clients keep persistent streams alive with pings (qr-sampler: every 60 s)
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
             ],
         )
         entropy_pb2_grpc.add_EntropyServiceServicer_to_server(self, server)
