@@ -271,6 +271,34 @@ def _row(c: dict[str, Any]) -> str:
     )
 
 
+def profile_step(device: torch.device, batch: int) -> None:
+    """torch.profiler table of one pipeline math step and one native step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    logits = torch.randn(batch, VOCAB, device=device) * 3
+    case = Case(device, [logits], SamplingConfig(), settings)
+    _, native = native_sampler()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for name, fn in (("pipeline math", case.math_step), ("native", None)):
+        for _ in range(3):
+            case.refill()
+            if fn is None:
+                native(case.work, case.temp, case.k, case.p)
+            else:
+                fn()
+        case.refill()
+        with profile(activities=acts) as prof:
+            if fn is None:
+                native(case.work, case.temp, case.k, case.p)
+            else:
+                fn()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n{name}, batch {batch}:")
+        print(prof.key_averages().table(sort_by=key, row_limit=14))
+    case.pipe.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -279,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=20.0, help="time bound per cell")
     ap.add_argument("--head", type=int, default=DEFAULT_HEAD, help="chunks in the head")
     ap.add_argument("--eager", action="store_true", help="no torch.compile on CUDA")
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args(argv)
@@ -297,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         if c["batch"] >= floor:
             name = f"target 1 {device.type} batch {c['batch']} {c['settings']} step/native"
             print(verdict(name, c["step_ratio"], limit, higher_is_better=False))
+    if args.profile:
+        profile_step(device, batches[-1])
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump({"machine": machine(), "results": results}, fh, indent=1)

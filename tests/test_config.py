@@ -129,7 +129,8 @@ def _bad_request_values(name: str) -> list[Any]:
         if "lt" in c:
             bad.append(c["lt"])
     elif ann is bool:
-        bad += [1, 0, "true", "yes"]
+        # 1 and 0 are accepted: vLLM's HTTP layer turns JSON true/false into 1/0
+        bad += [2, -1, 1.0, "true", "yes"]
     elif ann is str:
         bad += [5, 1.5, True, b"bytes"]
         if "max_length" in c:
@@ -282,6 +283,9 @@ def test_good_request_overrides_apply_over_defaults() -> None:
     assert opts.config.label == "run-7" and opts.config.top_k == 50
     assert parse_request_options(None, defaults).config is defaults
     assert parse_request_options({}, defaults).config is defaults
+    # JSON true/false reach us from vLLM's HTTP layer as 1/0
+    assert parse_request_options({"qr_diagnostic_mode": 1}, defaults).config.diagnostic_mode is True
+    assert parse_request_options({"qr_diagnostic_mode": 0}, defaults).config.diagnostic_mode is False
     # ints are numbers too
     assert parse_request_options({"qr_top_p": 1}, defaults).config.top_p == 1.0
 
@@ -313,7 +317,7 @@ def test_field_table_describes_every_field() -> None:
         assert row.type and row.allowed and row.description, name
         assert "\n" not in row.description
     assert rows["grpc_api_key"].default == "''"
-    assert SAMPLING_FIELDS == set(SamplingConfig.model_fields)
+    assert set(SamplingConfig.model_fields) == SAMPLING_FIELDS
     assert INFRASTRUCTURE_FIELDS.isdisjoint(SAMPLING_FIELDS)
 
 

@@ -25,7 +25,6 @@ from qr_sampler.metrics import (
     MetricsRegistry,
     MetricsServer,
     parse_exposition,
-    start_for_settings,
     start_metrics_server,
 )
 from qr_sampler.records import RecordSink, TokenRecord
@@ -231,16 +230,3 @@ def test_secrets_never_reach_the_metrics() -> None:
     recorder = MetricsRecorder(config_hash=settings.config_hash())
     run_pipeline(settings, steps=2, labels=("a",), listeners=[recorder])
     assert "sekrit" not in recorder.render()
-
-
-def test_start_for_settings_serves_once_per_process() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = mock_settings(metrics_port=port)
-    first = start_for_settings(settings, host="127.0.0.1")
-    assert start_for_settings(settings, host="127.0.0.1") is first  # no second bind
-    run_pipeline(settings, steps=2, labels=("a",), listeners=[first])
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        m = parse_exposition(resp.read().decode())
-    assert m["qr_sampler_steps_total"] == 2

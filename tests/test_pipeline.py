@@ -61,6 +61,10 @@ def _random_rows(
             extra["qr_min_p"] = float(rng.uniform(0.01, 0.3))
         if rng.random() < 0.3:
             extra["qr_sample_count"] = int(rng.integers(1, 3000))
+        if rng.random() < 0.2:
+            extra["qr_population_mean"] = float(rng.uniform(120.0, 135.0))
+            extra["qr_population_std"] = float(rng.uniform(60.0, 80.0))
+            extra["qr_uniform_clamp_epsilon"] = float(rng.choice([1e-3, 0.05]))
         cfg = parse_request_options(extra, defaults).config
         rows.append(RowState.of(cfg, request_id=f"cmpl-{i}"))
     return rows
@@ -111,7 +115,8 @@ def _check_step(
         # z and u follow from the record, and from the bytes themselves
         scale = rec.population_std / math.sqrt(rec.byte_count)
         assert rec.z == pytest.approx((rec.sample_mean - rec.population_mean) / scale, rel=1e-12)
-        u = min(max(0.5 * math.erfc(-rec.z / math.sqrt(2)), 1e-10), 1 - 1e-10)
+        eps = rec.uniform_clamp_epsilon
+        u = min(max(0.5 * math.erfc(-rec.z / math.sqrt(2)), eps), 1 - eps)
         assert rec.u == pytest.approx(u, rel=1e-12)
         if replay is not None:
             data = np.frombuffer(replayed[i].data, dtype=np.uint8)
@@ -202,7 +207,9 @@ def test_token_frequencies_follow_the_distribution_end_to_end() -> None:
     pipe = SamplingPipeline(settings)
     base = np.array([3.0, 2.5, 2.0, 1.0, 0.5, 0.0, -1.0, -2.0, -4.0, -6.0], dtype=np.float32)
     n = 4000
-    result = pipe.sample(torch.from_numpy(np.tile(base, (n, 1))), [RowState.of(settings.sampling())] * n)
+    result = pipe.sample(
+        torch.from_numpy(np.tile(base, (n, 1))), [RowState.of(settings.sampling())] * n
+    )
     u = np.array([r.u for r in result.records])
     assert stats.kstest(u, "uniform").pvalue > 1e-4
     ref = ref_select(base, float(np.float32(0.9)), 0, 0.95, 0.0, 0.5)
@@ -294,7 +301,9 @@ def test_diagnostic_ring_and_listeners() -> None:
     seen: list[list[TokenRecord]] = []
     pipe = SamplingPipeline(settings, listeners=[seen.append])
     plain = RowState.of(settings.sampling())
-    diag = RowState.of(parse_request_options({"qr_diagnostic_mode": True}, settings.sampling()).config)
+    diag = RowState.of(
+        parse_request_options({"qr_diagnostic_mode": True}, settings.sampling()).config
+    )
     pipe.sample(torch.randn(4, 20), [plain] * 4)
     assert len(pipe.sink.recent) == 0
     for _ in range(3):

@@ -4,6 +4,7 @@ appliance protocol, and an address where nothing listens."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Iterator

@@ -32,7 +32,9 @@ def ref_edt(h: float, vocab: int, base: float, exponent: float, lo: float, hi: f
 
 def _logits(seed: int, rows: int, vocab: int, inf_fraction: float) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    out = (rng.normal(size=(rows, vocab)) * rng.uniform(0.1, 6.0, size=(rows, 1))).astype(np.float32)
+    out = (rng.normal(size=(rows, vocab)) * rng.uniform(0.1, 6.0, size=(rows, 1))).astype(
+        np.float32
+    )
     mask = rng.random((rows, vocab)) < inf_fraction
     mask[:, 0] = False
     out[mask] = -np.inf

@@ -255,6 +255,10 @@ def test_entropy_outage_falls_back_labelled_then_recovers(stack: Stack) -> None:
         assert time.monotonic() < deadline, "primary source never came back"
         time.sleep(0.5)
     assert recs[-1]["entropy_source"] == "quantum_grpc"
+    # degradation is visible in the server's own output, at WARNING
+    log = stack.server.log_text()
+    assert "WARNING qr-sampler: entropy source quantum_grpc failed" in log
+    assert "WARNING qr-sampler: entropy source quantum_grpc recovered" in log
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -282,3 +286,35 @@ def test_metrics_scraped_over_http_match_the_records(stack: Stack) -> None:
     assert metrics.get("qr_sampler_fallback_tokens_total", 0.0) == fallback
     assert metrics["qr_sampler_steps_total"] == len({r["step"] for r in recs})
     assert metrics["qr_sampler_fetch_latency_seconds_count"] == metrics["qr_sampler_steps_total"]
+
+
+def test_open_webui_filter_output_is_honoured_by_the_engine(stack: Stack) -> None:
+    """The Open WebUI filter's inlet output, sent to the real server, yields records
+    carrying the settings chosen in its Valves."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "open-webui" / "qr_sampler_filter.py"
+    spec = importlib.util.spec_from_file_location("owui_filter_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    filt = module.Filter()
+    filt.valves = filt.Valves(label="owui", temperature_strategy="fixed", top_k=3)
+    user = {"id": "u1", "valves": filt.UserValves(fixed_temperature=0.45)}
+    body = filt.inlet(
+        {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "the noise"}],
+            "max_tokens": 6,
+            "return_token_ids": True,
+        },
+        __user__=user,
+    )
+    status, out = stack.server.post("/v1/chat/completions", body)
+    assert status == 200, out
+    tokens = list(out["choices"][0]["token_ids"])
+    recs = stack.wait_records("owui", len(tokens))
+    assert len(recs) == len(tokens) > 0
+    for r in recs:
+        assert r["temperature"] == pytest.approx(0.45, abs=1e-6)
+        assert r["num_candidates"] <= 3

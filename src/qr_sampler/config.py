@@ -515,7 +515,8 @@ def _check_type(key: str, name: str, value: object) -> None:
     ann = field.annotation
     bad = False
     if ann is bool:
-        bad = not isinstance(value, bool)
+        # vLLM's HTTP layer has no boolean in vllm_xargs: JSON true/false arrive as 1/0
+        bad = not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)))
     elif ann is int:
         bad = isinstance(value, bool) or not isinstance(value, int)
     elif ann is float:
@@ -568,6 +569,8 @@ def parse_request_options(
                 f"got {type(value).__name__}"
             )
         _check_type(key, name, value)
+        if SamplingConfig.model_fields[name].annotation is bool:
+            value = bool(value)  # 1/0 from vLLM's HTTP layer
         overrides[name] = value
     if not overrides:
         return RequestOptions(config=defaults, bypass=bypass)

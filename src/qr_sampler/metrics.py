@@ -4,14 +4,15 @@ No client library: a small registry renders the Prometheus text exposition
 format (version 0.0.4) and :func:`start_metrics_server` serves it on
 ``/metrics`` from a daemon thread.
 
-Wiring (the vLLM adapter does this once, on the rank that draws entropy)::
+Wiring (the vLLM adapter does this once, on the rank that draws entropy;
+see :mod:`qr_sampler.vllm.metrics_hook`)::
 
     registry = MetricsRegistry()
-    recorder = MetricsRecorder(registry)
     server = start_metrics_server(settings.metrics_port, registry)
+    recorder = MetricsRecorder(registry, config_hash=settings.config_hash())
     pipeline = SamplingPipeline(settings, listeners=[recorder])
-    # the gRPC client reports its circuit breaker:
-    recorder.set_breaker_state("open")
+    recorder.watch_pipeline(pipeline)   # breaker state and record-sink counts per scrape
+    # or push the breaker state yourself: recorder.set_breaker_state("open")
 
 Metric families (all prefixed ``qr_sampler_``):
 
@@ -49,7 +50,6 @@ from typing import TYPE_CHECKING, ClassVar
 from qr_sampler.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qr_sampler.config import QRSettings
     from qr_sampler.records import RecordSink, TokenRecord
 
 logger = logging.getLogger(__name__)
@@ -542,30 +542,3 @@ def parse_exposition(text: str) -> dict[str, float]:
         key, _, value = line.rpartition(" ")
         out[key] = float(value)
     return out
-
-
-_started: dict[int, tuple[MetricsRecorder, MetricsServer | None]] = {}
-_started_lock = threading.Lock()
-
-
-def start_for_settings(settings: QRSettings, host: str = "0.0.0.0") -> MetricsRecorder:
-    """The process's recorder, serving ``QR_METRICS_PORT`` (started once per process).
-
-    Returns the recorder to use as a pipeline listener; call
-    :meth:`MetricsRecorder.watch_pipeline` once the pipeline exists. If the
-    port cannot be bound the error is logged and sampling goes on without the
-    endpoint (metrics must never stop an experiment).
-    """
-    port = settings.metrics_port
-    with _started_lock:
-        if port in _started:
-            return _started[port][0]
-        recorder = MetricsRecorder(config_hash=settings.config_hash())
-        server: MetricsServer | None = None
-        if port:
-            try:
-                server = start_metrics_server(port, recorder.registry, host=host)
-            except ConfigError as exc:
-                logger.error("metrics endpoint not started: %s", exc)
-        _started[port] = (recorder, server)
-        return recorder

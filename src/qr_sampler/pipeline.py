@@ -292,6 +292,9 @@ class SamplingPipeline:
                     sampling_latency_ns=latency_ns,
                     config_hash=self.config_hash,
                     failed=bool(draw.failed[i]),
+                    population_mean=cfg.population_mean,
+                    population_std=cfg.population_std,
+                    uniform_clamp_epsilon=cfg.uniform_clamp_epsilon,
                 )
             )
         return out

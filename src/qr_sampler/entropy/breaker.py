@@ -103,8 +103,10 @@ class CircuitBreaker:
         self.times_opened = 0
 
     def _after_fork(self) -> None:
-        """In a forked child: a fresh lock (the parent's may be held by a lost thread)."""
+        """In a forked child: a fresh lock (the parent's may be held by a lost thread)
+        and no latencies (they were measured on the parent's connection)."""
         self._lock = threading.Lock()
+        self._latencies.clear()
 
     # -- queries ---------------------------------------------------------
     @property

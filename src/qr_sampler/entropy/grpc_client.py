@@ -56,7 +56,10 @@ Resilience
 Process and thread safety
     Nothing connects in ``__init__``; the channel is created on first use and
     re-created in a forked child (the parent's channel, stream and threads are
-    dropped there, never used). Any number of threads may call ``fetch``.
+    dropped there, never used). Before a fork the persistent bidi stream is
+    closed (gRPC cannot fork with a call in flight); the parent reopens it on
+    its next fetch. A fetch in flight on another thread at that moment fails
+    (and falls back, labelled). Any number of threads may call ``fetch``.
 """
 
 from __future__ import annotations
@@ -140,12 +143,19 @@ def check_address(address: str) -> str:
 _LIVE: weakref.WeakSet[QuantumGrpcSource] = weakref.WeakSet()
 
 
+def _quiesce_live_sources_before_fork() -> None:
+    for source in list(_LIVE):
+        source._before_fork()
+
+
 def _reset_live_sources_after_fork() -> None:
     for source in list(_LIVE):
         source._after_fork()
 
 
-os.register_at_fork(after_in_child=_reset_live_sources_after_fork)
+os.register_at_fork(
+    before=_quiesce_live_sources_before_fork, after_in_child=_reset_live_sources_after_fork
+)
 
 
 class _Timeout(EntropyUnavailableError):
@@ -306,8 +316,11 @@ class _BidiStream:
             self._requests.put(None)
             self._call.cancel()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> None:
+        """Cancel the stream; wait up to ``wait_s`` for its reader to finish."""
         self.fail(EntropyUnavailableError("stream closed by the client"))
+        if wait_s > 0 and threading.current_thread() is not self._reader:
+            self._reader.join(wait_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,6 +416,9 @@ class QuantumGrpcSource(EntropySource):
             ("grpc.max_reconnect_backoff_ms", 2000),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
+            # a connection of our own: never one inherited through gRPC's global
+            # subchannel pool (a forked child must not reuse the parent's socket)
+            ("grpc.use_local_subchannel_pool", 1),
             *channel_options,
         ]
         if self._tls and tls_server_name:
@@ -448,6 +464,15 @@ class QuantumGrpcSource(EntropySource):
         """In a forked child, forget (never touch) the parent's connection state."""
         if os.getpid() != self._pid:
             self._after_fork()
+
+    def _before_fork(self) -> None:
+        # gRPC cannot fork while a call is in flight (its fork handlers are skipped
+        # and the child inherits a broken core), and a persistent stream is always
+        # in flight: close it; the parent reopens one on its next fetch.
+        stream = self._stream
+        if stream is not None and os.getpid() == self._pid:
+            self._stream = None
+            stream.close(wait_s=2.0)
 
     def _after_fork(self) -> None:
         # Runs in the child before anything else (os.register_at_fork) and again,
@@ -532,7 +557,12 @@ class QuantumGrpcSource(EntropySource):
                     f"circuit breaker open after repeated failures of {self.address}; "
                     f"next probe in {self.breaker.retry_after_s():.1f} s"
                 )
-            timeout = self.breaker.timeout_s()
+            # a new channel's first call includes connecting: give it the maximum
+            timeout = (
+                self.breaker.config.max_timeout_s
+                if self._channel is None
+                else self.breaker.timeout_s()
+            )
             start = time.perf_counter_ns()
             try:
                 chunks = self._attempt(sizes, timeout, start)

@@ -289,6 +289,33 @@ def effective_temperature(params: SelectionParams) -> torch.Tensor:
     return torch.where(t <= 0, torch.ones_like(t), t).float()
 
 
+def chunked_head(
+    logits: torch.Tensor, t: torch.Tensor, head_size: int, chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ordered head of :func:`select_chunked`: x = logits / t of the tokens in
+    the ``head_size`` chunks with the largest maxima, stably sorted (descending),
+    their token ids, and per row how many leading positions are exactly the
+    row's rank order (every token above tau, the smallest selected chunk maximum).
+    Needs more than ``head_size`` chunks."""
+    rows, vocab = logits.shape
+    n_full = vocab // chunk
+    cmax = logits[:, : n_full * chunk].reshape(rows, n_full, chunk).amax(dim=-1)
+    if vocab % chunk:
+        rest = logits[:, n_full * chunk :].amax(dim=-1, keepdim=True)
+        cmax = torch.cat([cmax, rest], dim=1)
+    top = torch.topk(cmax, head_size, dim=-1, sorted=False)
+    tau = top.values.amin(dim=-1).float() / t
+    first = torch.sort(top.indices, dim=-1).values * chunk
+    ids = (first.unsqueeze(-1) + torch.arange(chunk, device=logits.device)).reshape(rows, -1)
+    valid = ids < vocab
+    ids = ids.clamp(max=vocab - 1)
+    x = logits.gather(1, ids).float() / t.unsqueeze(1)
+    x = torch.nan_to_num(x, nan=float("-inf")).masked_fill(~valid, float("-inf"))
+    vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    exact = (vals > tau.unsqueeze(1)).sum(dim=-1)
+    return vals, ids.gather(1, order), exact
+
+
 def select_chunked(
     logits: torch.Tensor,
     params: SelectionParams,
@@ -317,24 +344,8 @@ def select_chunked(
         sel = select_sorted(logits, params)
         return sel, torch.ones(rows, dtype=torch.bool, device=logits.device)
     greedy = params.temperature <= 0
-    t = effective_temperature(params)
     top_k = torch.where(greedy, torch.ones_like(params.top_k), params.top_k)
-    cmax = logits[:, : n_full * chunk].reshape(rows, n_full, chunk).amax(dim=-1)
-    if n_chunks > n_full:
-        rest = logits[:, n_full * chunk :].amax(dim=-1, keepdim=True)
-        cmax = torch.cat([cmax, rest], dim=1)
-    top = torch.topk(cmax, head_size, dim=-1, sorted=False)
-    tau = top.values.amin(dim=-1).float() / t
-    first = torch.sort(top.indices, dim=-1).values * chunk
-    ids = (first.unsqueeze(-1) + torch.arange(chunk, device=logits.device)).reshape(rows, -1)
-    valid = ids < vocab
-    ids = ids.clamp(max=vocab - 1)
-    x = logits.gather(1, ids).float() / t.unsqueeze(1)
-    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
-    x = x.masked_fill(~valid, float("-inf"))
-    vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
-    idx = ids.gather(1, order)
-    exact = (vals > tau.unsqueeze(1)).sum(dim=-1)
+    vals, idx, exact = chunked_head(logits, effective_temperature(params), head_size, chunk)
     sel, resolved = _select_window(
         vals, idx, lse_full, num_finite, vocab, top_k, params, exact=exact
     )
