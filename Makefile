@@ -40,6 +40,12 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
+# The main job without a GPU: urandom entropy server + CPU vLLM with the plugin,
+# one completion, per-token provenance. DEMO_ARGS e.g. --model DIR --max-tokens 32
+DEMO_ARGS ?=
+demo: $(STAMP)
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
 # the full chaos soak (~10 minutes); `make test` runs a short variant of it
 soak: $(STAMP)
 	QRSAMPLER_SOAK_S=$${QRSAMPLER_SOAK_S:-480} $(PY) -m pytest -m soak -s $(PYTEST_ARGS) tests/test_soak.py

@@ -50,6 +50,26 @@ from qr_sampler.sampling.select import (
 
 VOCAB = 151_936
 HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
+
+
+def _randn3(batch: int, gen: torch.Generator) -> torch.Tensor:
+    """N(0, 1) * 3: the issue's random logits (a heavy, flat tail)."""
+    return torch.randn(batch, VOCAB, generator=gen) * 3
+
+
+def _zipf_bf16(batch: int, gen: torch.Generator) -> torch.Tensor:
+    """A language-model-like row: logit -1.1 ln(rank) plus noise at random token
+    ids, rounded to bf16 (many exact ties, as a bf16 model's logits have)."""
+    ranks = torch.arange(1, VOCAB + 1, dtype=torch.float32)
+    out = torch.empty(batch, VOCAB)
+    for i in range(batch):
+        base = -1.1 * torch.log(ranks) + 0.3 * torch.randn(VOCAB, generator=gen)
+        out[i, torch.randperm(VOCAB, generator=gen)] = base
+    return (out + 20).to(torch.bfloat16).float()
+
+
+LOGITS = {"randn3": _randn3, "zipf_bf16": _zipf_bf16}
+MAKE_LOGITS = _randn3
 SETTINGS = {
     "default": {},
     "top_k=50,top_p=0.9": {"top_k": 50, "top_p": 0.9},
@@ -157,7 +177,7 @@ def run(
     gen = torch.Generator(device="cpu").manual_seed(1234)
     for batch in batches:
         n_sets = 3 if device.type == "cuda" else 1
-        sources = [(torch.randn(batch, VOCAB, generator=gen) * 3).to(device) for _ in range(n_sets)]
+        sources = [MAKE_LOGITS(batch, gen).to(device) for _ in range(n_sets)]
         for label, overrides in SETTINGS.items():
             cells = _measure(
                 Case(device, sources, SamplingConfig(**overrides), settings),
@@ -276,7 +296,7 @@ def profile_step(device: torch.device, batch: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
-    logits = torch.randn(batch, VOCAB, device=device) * 3
+    logits = MAKE_LOGITS(batch, torch.Generator().manual_seed(0)).to(device)
     case = Case(device, [logits], SamplingConfig(), settings)
     _, native = native_sampler()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -306,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=20.0, help="time bound per cell")
     ap.add_argument("--head", type=int, default=DEFAULT_HEAD, help="chunks in the head")
-    ap.add_argument("--eager", action="store_true", help="no torch.compile on CUDA")
+    ap.add_argument(
+        "--compile",
+        choices=["dynamic", "auto", "static", "off"],
+        default="dynamic",
+        help="torch.compile of the device step on CUDA",
+    )
+    ap.add_argument("--logits", choices=sorted(LOGITS), default="randn3")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="", help="write the results here")
@@ -314,8 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.eager:
+    if args.compile != "off":
+        dyn = {"dynamic": True, "auto": None, "static": False}[args.compile]
+        set_fused_kernels(True, dynamic=dyn)
+    else:
         set_fused_kernels(False)
+    global MAKE_LOGITS
+    MAKE_LOGITS = LOGITS[args.logits]
+    print(f"logits: {args.logits}; torch.compile on CUDA: {args.compile}; head {args.head} chunks")
     global HEAD
     HEAD = args.head
     batches = [int(b) for b in args.batches.split(",")]

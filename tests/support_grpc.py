@@ -166,7 +166,7 @@ class ServerProcess:
             head = [self.python, "-m", "qr_sampler.cli", "serve"]
         return [*head, "--address", self.requested, *self.args]
 
-    def start(self, tries: int = 600) -> ServerProcess:
+    def start(self, tries: int = 2400) -> ServerProcess:
         env = {k: v for k, v in (self.env or os.environ).items() if not k.startswith("QR_")}
         self.log = []
         self.proc = subprocess.Popen(

@@ -431,3 +431,23 @@ def test_readme_configuration_reference_matches_the_settings_class() -> None:
     text = (REPO / "README.md").read_text()
     for row in field_table():
         assert f"| `{row.env}` |" in text, row.env
+
+
+def test_dockerignore_sends_only_what_the_images_copy() -> None:
+    lines = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert lines[0] == "*", "allow-list: ignore everything, then re-include"
+    allowed = [line[1:] for line in lines if line.startswith("!")]
+    assert not any(a.startswith((".venv", ".cache")) for a in allowed)
+    for dockerfile in DOCKERFILES.values():
+        for word, args in _instructions(dockerfile):
+            if word != "COPY" or args.startswith("--from"):
+                continue
+            for source in args.split()[:-1]:
+                source = source.rstrip("/")
+                assert any(source == a or source.startswith(a + "/") for a in allowed), (
+                    f"{dockerfile.name} copies {source}, which .dockerignore leaves out"
+                )

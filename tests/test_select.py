@@ -29,9 +29,11 @@ from qr_sampler.sampling.select import (
     select_sorted,
 )
 
+# derandomized: CI sees the same examples every run (the seeded sweep below adds breadth)
 HYPO = settings(
     max_examples=60,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

@@ -131,6 +131,27 @@ def _metrics(text: str) -> dict[str, float]:
     return sums
 
 
+def _timeline(records: list[dict[str, Any]], run: Run) -> str:
+    """Per second since the first record: percent of tokens from the fallback,
+    with the chaos events marked (K kill, S stuck, A rotated key, R restart)."""
+    if not records:
+        return ""
+    t0 = min(r["time_ns"] for r in records)
+    per: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for r in records:
+        cell = per[(r["time_ns"] - t0) // 1_000_000_000]
+        cell[0] += 1
+        cell[1] += bool(r["fallback"])
+    marks: dict[int, str] = defaultdict(str)
+    for p in run.phases:
+        marks[(p.start_ns - t0) // 1_000_000_000] += {"outage": "K", "stuck": "S", "auth": "A"}[
+            p.kind
+        ]
+    for ns in run.restarts_ns:
+        marks[(ns - t0) // 1_000_000_000] += "R"
+    return " ".join(f"{s}{marks[s]}:{100 * b // a}" for s, (a, b) in sorted(per.items()))
+
+
 def _tree_rss(pid: int) -> dict[int, tuple[str, int]]:
     return {p: (comm(p), rss_kib(p)) for p in [pid, *descendants(pid)] if rss_kib(p) > 0}
 
@@ -148,7 +169,6 @@ def stack(tmp_path: Path) -> Iterator[tuple[VLLMServer, Path, int, str, Path]]:
         "QR_FALLBACK_MODE": "system",
         "QR_RECORDS_PATH": str(records),
         "QR_METRICS_PORT": str(metrics_port),
-        "QR_CB_FAILURE_THRESHOLD": "1",
         "QR_CB_RECOVERY_S": "0.5",
         "QR_CB_MAX_RECOVERY_S": "2",
     }
@@ -241,6 +261,16 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         by_label[r["label"]].append(r)
     reasons = Counter(r["fallback_reason"].split(":", 1)[0] for r in records if r["fallback"])
     tokens = sum(len(t) for _, t in run.results)
+    # fallback outside the chaos (from each kill to 5 s after the restart): the
+    # adaptive deadline tripping on a busy host; reported, not asserted
+    calm = [
+        r
+        for r in records
+        if not any(
+            p.start_ns - 1_000_000_000 <= r["time_ns"] <= p.end_ns + 5_000_000_000
+            for p in run.phases
+        )
+    ]
     summary = {
         "soak_s": SOAK_S,
         "cycle_s": CYCLE_S,
@@ -250,6 +280,8 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         "records": len(records),
         "fallback_records": sum(reasons.values()),
         "fallback_reasons": dict(reasons),
+        "calm_records": len(calm),
+        "calm_fallback_share": round(sum(r["fallback"] for r in calm) / max(1, len(calm)), 3),
         "rss_mib": {
             when: {f"{name}[{pid}]": round(kib / MiB, 1) for pid, (name, kib) in tree.items()}
             for when, tree in rss.items()
@@ -259,6 +291,7 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         ],
     }
     print("SOAK SUMMARY " + json.dumps(summary))
+    print("SOAK TIMELINE " + _timeline(records, run))
 
     # zero failed HTTP requests, and real work was done
     assert run.failures == [], run.failures[:5]
@@ -291,9 +324,12 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         if phase.kind == "auth":
             assert any(r["fallback_reason"].startswith("auth") for r in during), phase
     assert {"stuck", "auth"} <= {p.kind for p in run.phases}
-    # recovery: primary tokens after every restart
-    for restart in run.restarts_ns:
-        assert any(not r["fallback"] and r["time_ns"] > restart for r in records), restart
+    # recovery: primary tokens again after every restart, before the next kill
+    kills = [p.start_ns for p in run.phases if p.kind == "outage"]
+    ends = [*kills[1:], time.time_ns()]
+    for restart, end in zip(run.restarts_ns, ends, strict=True):
+        back = [r for r in records if restart < r["time_ns"] < end and not r["fallback"]]
+        assert back, f"no primary token in the {(end - restart) / 1e9:.0f} s after a restart"
 
     # the metrics agree with the records
     m = _metrics(metrics_text)

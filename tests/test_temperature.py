@@ -41,7 +41,7 @@ def _logits(seed: int, rows: int, vocab: int, inf_fraction: float) -> np.ndarray
     return out
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     seed=st.integers(0, 2**32 - 1),
     rows=st.integers(1, 32),
@@ -66,7 +66,7 @@ def test_entropy_extremes() -> None:
     assert float(h[1]) == 0.0
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(
     seed=st.integers(0, 2**32 - 1),
     rows=st.integers(1, 32),
@@ -98,8 +98,12 @@ def test_edt_and_fixed_per_row_match_reference(seed: int, rows: int, vocab: int)
         href = ref_entropy(logits[i])
         assert float(h[i]) == pytest.approx(href, rel=1e-4, abs=1e-5)
         if is_edt[i]:
-            want = ref_edt(href, vocab, base[i], exponent[i], lo[i], hi[i])
-            assert float(t[i]) == pytest.approx(want, rel=1e-4, abs=1e-5)
+            # T is EDT of an entropy within float32 accuracy of the exact one (a small
+            # H has a large relative error, which the exponent multiplies)
+            dh = 1e-5 * href + 1e-6
+            t_lo = ref_edt(max(href - dh, 0.0), vocab, base[i], exponent[i], lo[i], hi[i])
+            t_hi = ref_edt(href + dh, vocab, base[i], exponent[i], lo[i], hi[i])
+            assert t_lo * (1 - 1e-5) - 1e-7 <= float(t[i]) <= t_hi * (1 + 1e-5) + 1e-7
             assert float(lo[i]) - 1e-6 <= float(t[i]) <= float(hi[i]) + 1e-6
         else:
             assert float(t[i]) == pytest.approx(fixed[i], rel=1e-7)

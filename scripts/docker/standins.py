@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -145,6 +146,17 @@ class Daemon:
                 os.kill(pid, signal.SIGKILL)
             if self.proc is not None:
                 self.proc.wait(timeout=10)
+        self.release_mounts()
+
+    def release_mounts(self) -> None:
+        """Unmount what the stopped daemon left under run_dir (its netns bind mount)."""
+        prefix = str(self.run_dir.resolve()) + "/"
+        with contextlib.suppress(OSError):
+            mounts = [
+                line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()
+            ]
+            for point in sorted((m for m in mounts if m.startswith(prefix)), reverse=True):
+                subprocess.run(["umount", "-l", point], check=False, capture_output=True)
 
 
 def _read_pid(path: Path) -> int | None:
@@ -301,7 +313,7 @@ def rootfs_tarball() -> Path:
 
 
 def _image_label(daemon: Daemon, tag: str) -> str | None:
-    template = f"{{{{index .Config.Labels {LABEL!r}}}}}"
+    template = "{{index .Config.Labels " + json.dumps(LABEL) + "}}"
     out = subprocess.run(
         [docker_cli(), "image", "inspect", "--format", template, tag],
         env=daemon.env(),

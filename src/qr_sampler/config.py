@@ -298,7 +298,7 @@ class QRSettings(BaseSettings):
         le=100.0,
     )
     cb_min_timeout_ms: float = _f(
-        5.0,
+        50.0,
         "a number > 0 and <= 600000",
         "Lower clamp of the adaptive timeout.",
         gt=0.0,

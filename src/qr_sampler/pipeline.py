@@ -191,7 +191,7 @@ class SamplingPipeline:
         if pending.size:
             params = _selection_params(dev, t)
             entropy = out[:, _ENT].float()
-            idx = torch.from_numpy(pending).to(logits.device)
+            idx = _to_device(pending, logits.device)
             rest = select_sorted(
                 sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),

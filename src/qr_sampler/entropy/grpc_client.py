@@ -405,6 +405,12 @@ class QuantumGrpcSource(EntropySource):
         if not tls_server_name and self.address.startswith(("unix:", "unix-abstract:")):
             tls_server_name = "localhost"  # a socket path is no host name to verify
         self.tls_server_name = tls_server_name
+        if api_key and not self._tls and not self.address.startswith(("unix:", "unix-abstract:")):
+            logger.warning(
+                "the gRPC API key goes to %s without TLS: anyone on the path can read it "
+                "(set QR_GRPC_TLS_CA_FILE or QR_GRPC_USE_TLS=true)",
+                self.address,
+            )
         self.breaker = breaker or CircuitBreaker()
         self.health = health
         receive_cap = max(4 * 1024 * 1024, 2 * max_bytes_per_request + 65536)

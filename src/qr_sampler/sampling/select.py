@@ -223,22 +223,28 @@ def _log_normalizer_eager(
 
 
 _COMPILED: dict[str, Any] = {}
-_COMPILE_STATE = {"enabled": True, "failed": False}
+_FAILED: set[str] = set()
+_COMPILE = {"enabled": True, "dynamic": True}
 
 
-def set_fused_kernels(enabled: bool) -> None:
-    """Turn the torch.compile'd (fused) row statistics on CUDA on or off."""
-    _COMPILE_STATE["enabled"] = enabled
+def set_fused_kernels(enabled: bool, *, dynamic: bool | None = True) -> None:
+    """Turn torch.compile (fused kernels) on CUDA on or off; ``dynamic`` is passed
+    to torch.compile (None: recompile once a shape changes, then dynamic)."""
+    _COMPILE["enabled"] = enabled
+    _COMPILE["dynamic"] = dynamic
+    _COMPILED.clear()
+    _FAILED.clear()
 
 
 def _fused(name: str, fn: Any, device: torch.device) -> Any:
     """``fn`` compiled into fused kernels on CUDA (one read of the row instead of
-    several); the eager function elsewhere or when compilation is unavailable."""
-    if device.type != "cuda" or not _COMPILE_STATE["enabled"] or _COMPILE_STATE["failed"]:
+    several, far fewer launches); the eager function elsewhere or when
+    compilation is unavailable."""
+    if device.type != "cuda" or not _COMPILE["enabled"] or name in _FAILED:
         return fn
     compiled = _COMPILED.get(name)
     if compiled is None:
-        compiled = torch.compile(fn, dynamic=True)
+        compiled = torch.compile(fn, dynamic=_COMPILE["dynamic"])
         _COMPILED[name] = compiled
     return compiled
 
@@ -251,8 +257,8 @@ def call_fused(name: str, fn: Any, device: torch.device, *args: Any) -> Any:
     try:
         return impl(*args)
     except Exception as exc:  # compilation unavailable here: stay correct, eagerly
-        _COMPILE_STATE["failed"] = True
-        logger.warning("fused row statistics unavailable (%s); using eager torch ops", exc)
+        _FAILED.add(name)
+        logger.warning("fused kernels for %s unavailable (%s); using eager torch ops", name, exc)
         return fn(*args)
 
 
@@ -296,7 +302,8 @@ def chunked_head(
     the ``head_size`` chunks with the largest maxima, stably sorted (descending),
     their token ids, and per row how many leading positions are exactly the
     row's rank order (every token above tau, the smallest selected chunk maximum).
-    Needs more than ``head_size`` chunks."""
+    Only the first ``2 * head_size`` positions are returned. Needs more than
+    ``head_size`` chunks."""
     rows, vocab = logits.shape
     n_full = vocab // chunk
     cmax = logits[:, : n_full * chunk].reshape(rows, n_full, chunk).amax(dim=-1)
@@ -312,6 +319,8 @@ def chunked_head(
     x = logits.gather(1, ids).float() / t.unsqueeze(1)
     x = torch.nan_to_num(x, nan=float("-inf")).masked_fill(~valid, float("-inf"))
     vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    width = min(vals.shape[1], 2 * head_size)  # the window math needs no more
+    vals, order = vals[:, :width], order[:, :width]
     exact = (vals > tau.unsqueeze(1)).sum(dim=-1)
     return vals, ids.gather(1, order), exact
 

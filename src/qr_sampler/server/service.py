@@ -139,11 +139,8 @@ def _abort_handler(
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(rs, ws)]
-    return make(
-        fn,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    # the refused caller's payload is never parsed (no parse errors logged for it)
+    return make(fn, request_deserializer=None, response_serializer=handler.response_serializer)
 
 
 class _ApiKeyInterceptor(_Interceptor):
@@ -375,7 +372,6 @@ class EntropyServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", o.max_bytes + 65_536),
                 ("grpc.max_receive_message_length", 65_536),
-                ("grpc.max_concurrent_streams", max(100, 2 * o.max_streams)),
                 # clients keep persistent streams alive with pings (qr-sampler: every 60 s)
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
             ],
