@@ -15,7 +15,7 @@ upward); the deadline for the next call is
 percentile.
 
 Defaults (the ``QR_CB_*`` / ``QR_GRPC_TIMEOUT_MS`` settings): window 100
-latencies, multiplier 1.5, minimum 5 ms, maximum 5 s, opens after 3
+latencies, multiplier 1.5, minimum 50 ms, maximum 5 s, opens after 3
 consecutive failures, first recovery wait 5 s doubling up to 300 s.
 
 The breaker never sleeps and never reads the wall clock itself: ``clock`` (a
@@ -44,7 +44,7 @@ class BreakerConfig:
 
     window_size: int = 100
     timeout_multiplier: float = 1.5
-    min_timeout_s: float = 0.005
+    min_timeout_s: float = 0.05
     max_timeout_s: float = 5.0
     failure_threshold: int = 3
     recovery_s: float = 5.0
