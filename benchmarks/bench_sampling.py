@@ -39,6 +39,7 @@ from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
 from qr_sampler.sampling.select import (
+    DEFAULT_CHUNK,
     DEFAULT_HEAD,
     SelectionParams,
     effective_temperature,
@@ -50,6 +51,7 @@ from qr_sampler.sampling.select import (
 
 VOCAB = 151_936
 HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
+CHUNK = DEFAULT_CHUNK  # token ids per chunk (--chunk)
 
 
 def _randn3(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -213,6 +215,7 @@ class Case:
         self.pipe = SamplingPipeline(
             settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
         )
+        self.pipe.chunk = CHUNK
         b = self.batch
         self.temp = torch.full((b,), config.fixed_temperature, device=device)
         self.k = torch.full((b,), config.top_k, device=device) if config.top_k else None
@@ -272,7 +275,7 @@ def _unresolved_rows(sources: list[torch.Tensor], config: SamplingConfig, u: np.
         )
         stats = row_stats(logits, effective_temperature(params))
         assert stats.lse is not None
-        _, resolved = select_chunked(logits, params, stats.lse, stats.num_finite, HEAD)
+        _, resolved = select_chunked(logits, params, stats.lse, stats.num_finite, HEAD, CHUNK)
         total += int((~resolved).sum())
     return total / len(sources)
 
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         default="dynamic",
         help="torch.compile of the device step on CUDA",
     )
+    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="token ids per chunk")
+    ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--logits", choices=sorted(LOGITS), default="randn3")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -342,14 +347,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.compile != "off":
         dyn = {"dynamic": True, "auto": None, "static": False}[args.compile]
-        set_fused_kernels(True, dynamic=dyn)
+        set_fused_kernels(True, dynamic=dyn, mode=args.mode)
     else:
         set_fused_kernels(False)
     global MAKE_LOGITS
     MAKE_LOGITS = LOGITS[args.logits]
-    print(f"logits: {args.logits}; torch.compile on CUDA: {args.compile}; head {args.head} chunks")
-    global HEAD
-    HEAD = args.head
+    print(
+        f"logits: {args.logits}; torch.compile on CUDA: {args.compile} mode {args.mode}; "
+        f"head {args.head} chunks of {args.chunk}"
+    )
+    global HEAD, CHUNK
+    HEAD, CHUNK = args.head, args.chunk
     batches = [int(b) for b in args.batches.split(",")]
     results = run(device, batches, args.iters, args.budget_s)
     limit, floor = (2.0, 8) if device.type == "cpu" else (1.5, 64)

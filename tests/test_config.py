@@ -285,7 +285,9 @@ def test_good_request_overrides_apply_over_defaults() -> None:
     assert parse_request_options({}, defaults).config is defaults
     # JSON true/false reach us from vLLM's HTTP layer as 1/0
     assert parse_request_options({"qr_diagnostic_mode": 1}, defaults).config.diagnostic_mode is True
-    assert parse_request_options({"qr_diagnostic_mode": 0}, defaults).config.diagnostic_mode is False
+    assert (
+        parse_request_options({"qr_diagnostic_mode": 0}, defaults).config.diagnostic_mode is False
+    )
     # ints are numbers too
     assert parse_request_options({"qr_top_p": 1}, defaults).config.top_p == 1.0
 

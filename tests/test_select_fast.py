@@ -33,6 +33,7 @@ from qr_sampler.sampling.select import (
     select,
     select_chunked,
     select_sorted,
+    select_tail,
 )
 from qr_sampler.sampling.temperature import shannon_entropy
 
@@ -139,6 +140,25 @@ def test_chunked_selection_equals_full_sort(kind: str) -> None:
     assert skipped <= 0.1 * (checked + skipped), (checked, skipped)
     if kind != "ties":  # all chunk maxima tie there: every row takes the full sort
         assert resolved_rows >= 0.3 * checked, "too few rows took the fast path to test it"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_histogram_equals_full_sort(kind: str) -> None:
+    """Untruncated rows through the value-bucket histogram (no vocabulary sort)
+    equal the full sort, whatever u (deep tails included)."""
+    rng = np.random.default_rng(KINDS.index(kind) + 300)
+    vocab = 3000
+    logits = _logits(rng, kind, 40, vocab)
+    rows = [
+        RowSettings(float(rng.choice([0.3, 0.7, 1.0, 2.5])), 0, 1.0, 0.0, float(u))
+        for u in np.concatenate([rng.uniform(1e-10, 1 - 1e-10, 30), 1 - rng.uniform(0, 1e-3, 10)])
+    ]
+    x = torch.from_numpy(logits)
+    params = make_params(rows)
+    tail = select_tail(x, params)
+    ref_sorted = select_sorted(x, params)
+    checked = sum(_check(tail, i, logits, row, ref_sorted) for i, row in enumerate(rows))
+    assert checked >= 36, checked
 
 
 def test_row_stats_match_float64() -> None:

@@ -92,9 +92,9 @@ class SamplingConfig(BaseModel):
     )
     uniform_clamp_epsilon: float = _f(
         1e-10,
-        "a number > 0 and < 0.5",
-        "u is clamped to [epsilon, 1 - epsilon].",
-        gt=0.0,
+        "a number from 1e-15 to < 0.5",
+        "u is clamped to [epsilon, 1 - epsilon] (1e-15 keeps 1 - epsilon below 1.0).",
+        ge=1e-15,
         lt=0.5,
     )
     temperature_strategy: Literal["fixed", "edt"] = _f(

@@ -36,6 +36,7 @@ from qr_sampler.errors import EntropyError
 from qr_sampler.records import SCHEMA_VERSION, RecordSink, TokenRecord
 from qr_sampler.sampling.amplify import amplify
 from qr_sampler.sampling.select import (
+    DEFAULT_CHUNK,
     DEFAULT_HEAD,
     Selection,
     SelectionParams,
@@ -45,7 +46,7 @@ from qr_sampler.sampling.select import (
     log_normalizer,
     row_stats,
     select_chunked,
-    select_sorted,
+    select_rest,
 )
 from qr_sampler.sampling.temperature import temperatures
 
@@ -129,6 +130,7 @@ class SamplingPipeline:
         )
         self.eos_token_id = eos_token_id
         self.head_size = head_size
+        self.chunk = DEFAULT_CHUNK  # token ids per chunk of the chunked head
         self.clock = clock
         self.listeners = list(listeners)
         self.config_hash = settings.config_hash()
@@ -184,7 +186,14 @@ class SamplingPipeline:
             fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0).astype(np.float32)
             fixed_t = _to_device(fixed, logits.device)
         token_ids, out, t = call_fused(
-            "pipeline_step", _device_step, logits.device, sub, dev, fixed_t, self.head_size
+            "pipeline_step",
+            _device_step,
+            logits.device,
+            sub,
+            dev,
+            fixed_t,
+            self.head_size,
+            self.chunk,
         )
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
@@ -192,7 +201,7 @@ class SamplingPipeline:
             params = _selection_params(dev, t)
             entropy = out[:, _ENT].float()
             idx = _to_device(pending, logits.device)
-            rest = select_sorted(
+            rest = select_rest(
                 sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),
             )
@@ -271,8 +280,8 @@ class SamplingPipeline:
                     row=index_list[i],
                     step=self.step,
                     token_id=int(host[i, _TOK]),
-                    rank=int(host[i, _RANK]),
-                    probability=float(host[i, _PROB]),
+                    rank=-1 if draw.failed[i] else int(host[i, _RANK]),
+                    probability=float("nan") if draw.failed[i] else float(host[i, _PROB]),
                     num_candidates=int(host[i, _NCAND]),
                     temperature=float(host[i, _TEMP]),
                     temperature_strategy=cfg.temperature_strategy,
@@ -318,7 +327,11 @@ def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
 
 
 def _device_step(
-    sub: torch.Tensor, dev: torch.Tensor, fixed_t: torch.Tensor | None, head_size: int
+    sub: torch.Tensor,
+    dev: torch.Tensor,
+    fixed_t: torch.Tensor | None,
+    head_size: int,
+    chunk: int = DEFAULT_CHUNK,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages 5-6 on the logits' device, host-sync free (compiled whole on CUDA):
     token ids, the result block (float64, columns _TOK.._ENT) and the temperatures."""
@@ -337,7 +350,7 @@ def _device_step(
     lse = stats.lse
     if lse is None:
         lse = log_normalizer(sub, stats.max_logit, effective_temperature(params), fused=False)
-    sel, resolved = select_chunked(sub, params, lse, stats.num_finite, head_size)
+    sel, resolved = select_chunked(sub, params, lse, stats.num_finite, head_size, chunk)
     cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
     return sel.token_ids, torch.stack([c.double() for c in cols], dim=1), t
 

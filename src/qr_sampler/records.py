@@ -46,7 +46,7 @@ class TokenRecord:
     time_ns: int  #: wall-clock time the record was made (epoch ns)
     step_started_ns: int  #: wall-clock time the sampling step began, logits in hand (epoch ns)
     label: str  #: the request's free-form label (qr_label)
-    request_id: str  #: vLLM request id when known, else ""
+    request_id: str  #: the sampler's id for the request, "<engine pid>-<n>"; "" outside vLLM
     row: int  #: row of the logits batch
     step: int  #: sampling step counter of this process
     token_id: int  #: the token forced

@@ -224,14 +224,18 @@ def _log_normalizer_eager(
 
 _COMPILED: dict[str, Any] = {}
 _FAILED: set[str] = set()
-_COMPILE = {"enabled": True, "dynamic": True}
+_COMPILE: dict[str, Any] = {"enabled": True, "dynamic": True, "mode": None}
 
 
-def set_fused_kernels(enabled: bool, *, dynamic: bool | None = True) -> None:
-    """Turn torch.compile (fused kernels) on CUDA on or off; ``dynamic`` is passed
-    to torch.compile (None: recompile once a shape changes, then dynamic)."""
+def set_fused_kernels(
+    enabled: bool, *, dynamic: bool | None = True, mode: str | None = None
+) -> None:
+    """Turn torch.compile (fused kernels) on CUDA on or off; ``dynamic`` and
+    ``mode`` are passed to torch.compile (dynamic None: recompile once a shape
+    changes, then dynamic; mode e.g. "reduce-overhead" for CUDA graphs)."""
     _COMPILE["enabled"] = enabled
     _COMPILE["dynamic"] = dynamic
+    _COMPILE["mode"] = mode
     _COMPILED.clear()
     _FAILED.clear()
 
@@ -244,7 +248,7 @@ def _fused(name: str, fn: Any, device: torch.device) -> Any:
         return fn
     compiled = _COMPILED.get(name)
     if compiled is None:
-        compiled = torch.compile(fn, dynamic=_COMPILE["dynamic"])
+        compiled = torch.compile(fn, dynamic=_COMPILE["dynamic"], mode=_COMPILE["mode"])
         _COMPILED[name] = compiled
     return compiled
 
@@ -371,11 +375,102 @@ def _take(params: SelectionParams, rows: torch.Tensor) -> SelectionParams:
     )
 
 
+#: value buckets per nat of the tail histogram (:func:`select_tail`)
+TAIL_BUCKETS_PER_NAT = 64
+#: buckets of the tail histogram; the last one holds everything further down
+TAIL_BUCKETS = 4096
+
+
+def untruncated(params: SelectionParams, vocab: int) -> torch.Tensor:
+    """Rows whose final distribution is the whole softmax (no top-k, min-p, top-p)."""
+    whole = (params.top_k <= 0) | (params.top_k >= vocab)
+    return whole & (params.temperature > 0) & (params.min_p <= 0) & (params.top_p >= 1.0)
+
+
+def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
+    """Exact selection for untruncated rows (see :func:`untruncated`) without
+    ordering the vocabulary: the probability mass is bucketed by value (64
+    buckets per nat below the row maximum), the bucket holding u is found from
+    the cumulative bucket masses, and only that bucket's tokens are ordered (by
+    value, then token id). Rank = tokens in the buckets above + position there.
+
+    Meant for the few rows the head leaves (one pass over each row, one small
+    sort per row; host syncs per row on accelerators, so used on the CPU).
+    """
+    rows = logits.shape[0]
+    t = effective_temperature(params)
+    x = torch.nan_to_num(logits.float() / t.unsqueeze(1), nan=float("-inf"))
+    m = x.amax(dim=-1, keepdim=True)
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    p = torch.exp(x - lse).double()
+    top = TAIL_BUCKETS - 1
+    bucket = ((m - x) * TAIL_BUCKETS_PER_NAT).nan_to_num(nan=top, posinf=top).clamp(0, top).long()
+    mass = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.float64, device=x.device)
+    mass.scatter_add_(1, bucket, p)
+    count = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.int64, device=x.device)
+    count.scatter_add_(1, bucket, torch.ones_like(bucket))
+    cum_mass = mass.cumsum(dim=1)
+    cum_count = count.cumsum(dim=1)
+    u = params.u.double()
+    crossing = (cum_mass <= u.unsqueeze(1)).sum(dim=1).clamp(max=top)
+    num_finite = torch.isfinite(x).sum(dim=-1)
+    token = torch.empty(rows, dtype=torch.int64, device=x.device)
+    rank = torch.empty(rows, dtype=torch.int64, device=x.device)
+    prob = torch.empty(rows, dtype=torch.float64, device=x.device)
+    for r in range(rows):
+        b = int(crossing[r])
+        ids = torch.nonzero(bucket[r] == b).squeeze(1)  # ascending token ids
+        order = torch.sort(x[r, ids], descending=True, stable=True).indices
+        ids = ids[order]
+        ps = p[r, ids]
+        before = float(cum_mass[r, b - 1]) if b > 0 else 0.0
+        j = int(((before + torch.cumsum(ps, dim=0)) <= float(u[r])).sum())
+        j = min(j, ids.numel() - 1)
+        while j > 0 and float(ps[j]) == 0.0:  # past the last finite token (rounding)
+            j -= 1
+        token[r] = ids[j]
+        rank[r] = (int(cum_count[r, b - 1]) if b > 0 else 0) + j
+        prob[r] = ps[j]
+    return Selection(token_ids=token, rank=rank, prob=prob, num_candidates=num_finite)
+
+
+def select_rest(logits: torch.Tensor, params: SelectionParams) -> Selection:
+    """The exact answer for a few rows the head could not resolve: the tail
+    histogram for untruncated rows on the CPU, the full sort otherwise."""
+    if logits.device.type != "cpu":
+        out: Selection = call_fused("select_sorted", select_sorted, logits.device, logits, params)
+        return out
+    plain = untruncated(params, logits.shape[-1])
+    if not bool(plain.any()):
+        return select_sorted(logits, params)
+    tail_rows = torch.nonzero(plain).squeeze(1)
+    tail = select_tail(logits.index_select(0, tail_rows), _take(params, tail_rows))
+    if bool(plain.all()):
+        return tail
+    other = torch.nonzero(~plain).squeeze(1)
+    rest = select_sorted(logits.index_select(0, other), _take(params, other))
+    return _merge(_merge(_empty(logits.shape[0], logits.device), tail_rows, tail), other, rest)
+
+
+def _empty(rows: int, device: torch.device) -> Selection:
+    z = torch.zeros(rows, dtype=torch.int64, device=device)
+    return Selection(z, z, torch.zeros(rows, dtype=torch.float64, device=device), z)
+
+
+def _merge(base: Selection, rows: torch.Tensor, part: Selection) -> Selection:
+    return Selection(
+        token_ids=base.token_ids.index_copy(0, rows, part.token_ids),
+        rank=base.rank.index_copy(0, rows, part.rank),
+        prob=base.prob.index_copy(0, rows, part.prob),
+        num_candidates=base.num_candidates.index_copy(0, rows, part.num_candidates),
+    )
+
+
 def select(
     logits: torch.Tensor, params: SelectionParams, head_size: int = DEFAULT_HEAD
 ) -> Selection:
     """Select one token per row: the chunked head (:func:`select_chunked`,
-    ``head_size`` chunks), a full sort only for the rows it cannot resolve.
+    ``head_size`` chunks); rows it cannot resolve go to :func:`select_rest`.
 
     One host sync to learn whether any row needs the full sort; a second one
     (small) only when some does.
@@ -387,13 +482,7 @@ def select(
     if bool(resolved.all()):
         return sel
     rows = torch.nonzero(~resolved).squeeze(1)
-    sub = select_sorted(logits.index_select(0, rows), _take(params, rows))
-    return Selection(
-        token_ids=sel.token_ids.index_copy(0, rows, sub.token_ids),
-        rank=sel.rank.index_copy(0, rows, sub.rank),
-        prob=sel.prob.index_copy(0, rows, sub.prob),
-        num_candidates=sel.num_candidates.index_copy(0, rows, sub.num_candidates),
-    )
+    return _merge(sel, rows, select_rest(logits.index_select(0, rows), _take(params, rows)))
 
 
 def force_tokens(logits: torch.Tensor, rows: torch.Tensor | None, token_ids: torch.Tensor) -> None:
