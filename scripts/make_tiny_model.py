@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = (
+WORDS = (  # noqa: SIM905 - a word list reads better as prose
     "the of and to in a is that for it as was with be by on not he this are or his from at "
     "which but have an they you were her she there one all we their been has when who will "
     "more no if out so said what up its about into than them can only other new some could "

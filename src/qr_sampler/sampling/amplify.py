@@ -22,6 +22,8 @@ import numpy.typing as npt
 FloatArray = npt.NDArray[np.float64]
 
 _SQRT2 = math.sqrt(2.0)
+#: exact standard deviation of a uniform byte, sqrt((256² − 1) / 12)
+UNIFORM_BYTE_STD = math.sqrt((256**2 - 1) / 12)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,7 @@ def amplify_means(
 def amplify(
     chunks: Sequence[bytes],
     population_mean: npt.ArrayLike = 127.5,
-    population_std: npt.ArrayLike = math.sqrt((256**2 - 1) / 12),
+    population_std: npt.ArrayLike = UNIFORM_BYTE_STD,
     epsilon: npt.ArrayLike = 1e-10,
 ) -> Amplified:
     """Amplify many rows at once: one chunk of bytes per row."""
