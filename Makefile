@@ -48,7 +48,7 @@ demo: $(STAMP)
 
 # the full chaos soak (~10 minutes); `make test` runs a short variant of it
 soak: $(STAMP)
-	QRSAMPLER_SOAK_S=$${QRSAMPLER_SOAK_S:-480} $(PY) -m pytest -m soak -s $(PYTEST_ARGS) tests/test_soak.py
+	QRSAMPLER_SOAK_S=$${QRSAMPLER_SOAK_S:-450} $(PY) -m pytest -m soak -s $(PYTEST_ARGS) tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist

@@ -51,7 +51,7 @@ from qr_sampler.sampling.select import (
 
 VOCAB = 151_936
 HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
-CHUNK = DEFAULT_CHUNK  # token ids per chunk (--chunk)
+CHUNK = 0  # token ids per chunk (--chunk; 0: the pipeline's default for the device)
 
 
 def _randn3(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -215,7 +215,7 @@ class Case:
         self.pipe = SamplingPipeline(
             settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
         )
-        self.pipe.chunk = CHUNK
+        self.pipe.chunk = CHUNK or None
         b = self.batch
         self.temp = torch.full((b,), config.fixed_temperature, device=device)
         self.k = torch.full((b,), config.top_k, device=device) if config.top_k else None
@@ -275,7 +275,8 @@ def _unresolved_rows(sources: list[torch.Tensor], config: SamplingConfig, u: np.
         )
         stats = row_stats(logits, effective_temperature(params))
         assert stats.lse is not None
-        _, resolved = select_chunked(logits, params, stats.lse, stats.num_finite, HEAD, CHUNK)
+        chunk = CHUNK or (4 if dev.type == "cpu" else DEFAULT_CHUNK)
+        _, resolved = select_chunked(logits, params, stats.lse, stats.num_finite, HEAD, chunk)
         total += int((~resolved).sum())
     return total / len(sources)
 
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         default="dynamic",
         help="torch.compile of the device step on CUDA",
     )
-    ap.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help="token ids per chunk")
+    ap.add_argument("--chunk", type=int, default=0, help="token ids per chunk (0: default)")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--logits", choices=sorted(LOGITS), default="randn3")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")

@@ -11,6 +11,9 @@ Properties:
 * any ``QR_*`` environment (strings, as the OS gives them) or ``.env`` file
   yields settings or a ``ConfigError`` naming a variable that was set, and the
   API key's value never appears in the message.
+
+A coverage-guided atheris run (tests/support_atheris.py ``request``) checks the
+first property too, from libFuzzer-chosen mappings.
 """
 
 from __future__ import annotations
@@ -145,3 +148,10 @@ def test_any_env_file_is_settings_or_a_config_error(
     except ConfigError as exc:
         assert SECRET not in str(exc)
         assert "QR_" in str(exc)
+
+
+def test_atheris_request_validation() -> None:
+    from test_fuzz_wire import run_atheris
+
+    out = run_atheris("request", runs=30_000, max_len=512)
+    assert "cov:" in out

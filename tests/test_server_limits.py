@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from support_grpc import ServerProcess, health_status
+from support_grpc import ServerProcess, entropy_server, health_status
 from support_reliability import rss_kib
 
 from qr_sampler.entropy.wire import encode_request, encode_varint
@@ -168,10 +168,10 @@ def test_ten_thousand_streams_are_capped_and_others_still_served(server: ServerP
                 f"{served})", before, server)  # fmt: skip
         assert sum(outcomes.values()) == total
         assert outcomes["ok"] == MAX_STREAMS, outcomes  # never more than the cap at once
-        # every other stream was refused by the server (RESOURCE_EXHAUSTED), or its
-        # request write lost the race with that refusal on the client side
-        assert outcomes["RESOURCE_EXHAUSTED"] + outcomes["local"] == total - MAX_STREAMS
-        assert outcomes["RESOURCE_EXHAUSTED"] > 0, outcomes
+        # every other stream failed: refused by the server (RESOURCE_EXHAUSTED), or,
+        # under this overload, ended inside grpc core before its handler ran
+        # (the client sees INTERNAL "Internal error from Core" or CANCELLED)
+        assert set(outcomes) <= {"ok", "RESOURCE_EXHAUSTED", "local", "CANCELLED"}, outcomes
         assert served >= 1
         _serve_one(server.address)
     # grpc's per-call state for 10,000 simultaneous streams costs memory once;
@@ -182,6 +182,20 @@ def test_ten_thousand_streams_are_capped_and_others_still_served(server: ServerP
     with grpc.insecure_channel(server.address) as ch:
         raw = next(iter(ch.stream_stream(BIDI)(iter([encode_request(8)]), timeout=60)))
     assert len(entropy_pb2.EntropyResponse.FromString(raw).data) == 8
+
+
+def test_every_stream_over_the_cap_is_refused_by_the_server() -> None:
+    """The same storm against the server in-process, to read its own counters."""
+    total = 10_000
+    with entropy_server(os.urandom, max_streams=MAX_STREAMS, offload=True) as server:
+        outcomes, _ = asyncio.run(_stream_storm(server.address, total, channels=100))
+        assert outcomes["ok"] == MAX_STREAMS, outcomes
+        # the server admitted exactly the cap and refused the rest that reached it
+        # (others ended in grpc core first); the ordinary client adds unary requests
+        assert server.counters["streams"] == MAX_STREAMS
+        assert server.counters["requests"] >= MAX_STREAMS  # + the ordinary client's
+        assert 0 < server.counters["rejected:streams"] <= total - MAX_STREAMS
+        print(f"\nLIMITS in-process storm: client saw {dict(outcomes)}; server {server.counters}")
 
 
 def _port(address: str) -> int:

@@ -16,7 +16,7 @@ recovers after every restart; the metrics agree with the records; the RSS of
 vLLM's API server and engine core is flat (start, middle, end reported).
 
 Duration: ``QRSAMPLER_SOAK_S`` seconds of load (default 100: the CI variant,
-cycles of 20 s); ``make soak`` runs 480 s with 30 s cycles (under 10 minutes
+cycles of 20 s); ``make soak`` runs 450 s with 30 s cycles (under 10 minutes
 with start-up). Loops are bounded in both time and count.
 """
 
@@ -184,6 +184,7 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
     rotated = (tmp / "rotated").read_text()
     log = tmp / "entropy.log"
     entropy_rss: list[tuple[str, int, int]] = []  # kind, RSS after start, RSS before kill
+    started: list[ServerProcess] = []
 
     def start(kind: str) -> ServerProcess:
         Path(address[len("unix://") :]).unlink(missing_ok=True)
@@ -193,14 +194,16 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
                                  script=STUCK_SCRIPT, log_path=log)  # fmt: skip
         else:
             proc = ServerProcess(args, address=address, log_path=log)
+        started.append(proc)
         proc.start()
         proc.kind = kind  # type: ignore[attr-defined]
         proc.rss_start = rss_kib(proc.pid)  # type: ignore[attr-defined]
         return proc
 
     def kill(proc: ServerProcess) -> None:
-        entropy_rss.append((proc.kind, proc.rss_start, rss_kib(proc.pid)))  # type: ignore[attr-defined]
-        proc.kill()
+        if proc.proc is not None and proc.proc.poll() is None:
+            entropy_rss.append((proc.kind, proc.rss_start, rss_kib(proc.pid)))  # type: ignore[attr-defined]
+            proc.kill()
 
     run = Run()
     current = start("urandom")
@@ -208,6 +211,7 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
     run.results.append(("warm", list(warm["choices"][0]["token_ids"])))
     t0 = time.monotonic()
     deadline = t0 + SOAK_S
+    load_end_ns = time.time_ns() + int(SOAK_S * 1e9)
     pool = ThreadPoolExecutor(CLIENTS)
     futures = [pool.submit(_client, srv.url, c, deadline, run) for c in range(CLIENTS)]
     rss: dict[str, dict[int, tuple[str, int]]] = {}
@@ -218,7 +222,7 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         special = {1: "stuck", 2: "auth"}
         cycle = 0
         next_kill = t0 + CYCLE_S
-        while next_kill + OUTAGE_S + 5 < deadline and cycle < 1000:
+        while next_kill + OUTAGE_S + 10 < deadline and cycle < 1000:
             time.sleep(max(0.0, next_kill - time.monotonic()))
             cycle += 1
             if cycle == max(2, int(SOAK_S / CYCLE_S) // 2):
@@ -242,7 +246,9 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
             current = start("urandom")
             run.phases.append(outage)
             run.restarts_ns.append(time.time_ns())
-            next_kill += CYCLE_S
+            # the device serves for CYCLE_S - OUTAGE_S after each (re)start, however
+            # long the start took on a busy host
+            next_kill = time.monotonic() + CYCLE_S - OUTAGE_S
         for f in futures:
             f.result(timeout=SOAK_S + 300)
         rss["end"] = _tree_rss(srv.proc.pid)
@@ -253,7 +259,9 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         kill(current)
-    srv.stop()  # graceful (SIGTERM): the record sink flushes and closes
+        for proc in started:
+            proc.stop_kill()
+    srv.stop()  # SIGTERM, as an operator stops it; the records are read after
 
     records = [json.loads(line) for line in records_path.read_text().splitlines() if line]
     by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -261,16 +269,14 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         by_label[r["label"]].append(r)
     reasons = Counter(r["fallback_reason"].split(":", 1)[0] for r in records if r["fallback"])
     tokens = sum(len(t) for _, t in run.results)
-    # fallback outside the chaos (from each kill to 5 s after the restart): the
-    # adaptive deadline tripping on a busy host; reported, not asserted
-    calm = [
-        r
-        for r in records
-        if not any(
-            p.start_ns - 1_000_000_000 <= r["time_ns"] <= p.end_ns + 5_000_000_000
-            for p in run.phases
-        )
+    # fallback outside the chaos (from each kill to 5 s after the restart is
+    # serving): the adaptive deadline tripping on a busy host; reported, not asserted
+    outages = [p for p in run.phases if p.kind == "outage"]
+    chaos = [
+        (p.start_ns - 2_000_000_000, restart + 5_000_000_000)
+        for p, restart in zip(outages, run.restarts_ns, strict=True)
     ]
+    calm = [r for r in records if not any(a <= r["time_ns"] <= b for a, b in chaos)]
     summary = {
         "soak_s": SOAK_S,
         "cycle_s": CYCLE_S,
@@ -324,12 +330,17 @@ def test_chaos_soak(stack: tuple[VLLMServer, Path, int, str, Path]) -> None:
         if phase.kind == "auth":
             assert any(r["fallback_reason"].startswith("auth") for r in during), phase
     assert {"stuck", "auth"} <= {p.kind for p in run.phases}
-    # recovery: primary tokens again after every restart, before the next kill
+    # recovery: primary tokens again after every restart followed by >= 10 s of load
     kills = [p.start_ns for p in run.phases if p.kind == "outage"]
-    ends = [*kills[1:], time.time_ns()]
+    ends = [*kills[1:], load_end_ns]
+    checked = 0
     for restart, end in zip(run.restarts_ns, ends, strict=True):
+        if end - restart < 10_000_000_000:
+            continue  # a slow restart on a busy host left too little load after it
+        checked += 1
         back = [r for r in records if restart < r["time_ns"] < end and not r["fallback"]]
         assert back, f"no primary token in the {(end - restart) / 1e9:.0f} s after a restart"
+    assert checked >= 1
 
     # the metrics agree with the records
     m = _metrics(metrics_text)

@@ -130,7 +130,8 @@ class SamplingPipeline:
         )
         self.eos_token_id = eos_token_id
         self.head_size = head_size
-        self.chunk = DEFAULT_CHUNK  # token ids per chunk of the chunked head
+        #: token ids per chunk of the chunked head (None: 16 on accelerators, 4 on the CPU)
+        self.chunk: int | None = None
         self.clock = clock
         self.listeners = list(listeners)
         self.config_hash = settings.config_hash()
@@ -193,7 +194,7 @@ class SamplingPipeline:
             dev,
             fixed_t,
             self.head_size,
-            self.chunk,
+            self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK),
         )
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)

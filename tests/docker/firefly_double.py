@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from concurrent import futures
 
 import grpc
@@ -76,6 +77,8 @@ def response(data: bytes) -> bytes:
 
 
 def serve(port: int, api_key: str) -> None:
+    log_lock = threading.Lock()
+
     def get_random_bytes(request: bytes, context: grpc.ServicerContext) -> bytes:
         metadata = dict(context.invocation_metadata())
         key_ok = bool(api_key) and metadata.get(KEY_HEADER) == api_key
@@ -83,7 +86,9 @@ def serve(port: int, api_key: str) -> None:
             count = requested_count(request)
         except ValueError:
             count = -1
-        print(f"firefly-double call count={count} key_ok={key_ok}", flush=True)
+        with log_lock:  # concurrent calls must not interleave their lines
+            sys.stdout.write(f"firefly-double call count={count} key_ok={key_ok}\n")
+            sys.stdout.flush()
         if not key_ok:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong api-key")
         if not 1 <= count <= MAX_BYTES:

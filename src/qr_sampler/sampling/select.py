@@ -321,7 +321,9 @@ def chunked_head(
     valid = ids < vocab
     ids = ids.clamp(max=vocab - 1)
     x = logits.gather(1, ids).float() / t.unsqueeze(1)
-    x = torch.nan_to_num(x, nan=float("-inf")).masked_fill(~valid, float("-inf"))
+    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf")).masked_fill(
+        ~valid, float("-inf")
+    )
     vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
     width = min(vals.shape[1], 2 * head_size)  # the window math needs no more
     vals, order = vals[:, :width], order[:, :width]
@@ -399,7 +401,7 @@ def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
     """
     rows = logits.shape[0]
     t = effective_temperature(params)
-    x = torch.nan_to_num(logits.float() / t.unsqueeze(1), nan=float("-inf"))
+    x = torch.nan_to_num(logits.float() / t.unsqueeze(1), nan=float("-inf"), neginf=float("-inf"))
     m = x.amax(dim=-1, keepdim=True)
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     p = torch.exp(x - lse).double()
@@ -412,7 +414,10 @@ def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
     cum_mass = mass.cumsum(dim=1)
     cum_count = count.cumsum(dim=1)
     u = params.u.double()
-    crossing = (cum_mass <= u.unsqueeze(1)).sum(dim=1).clamp(max=top)
+    crossing = (cum_mass <= u.unsqueeze(1)).sum(dim=1)
+    # u at or past the total mass (rounding): the last bucket that holds mass
+    last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=x.device), 0).amax(dim=1)
+    crossing = torch.minimum(crossing, last)
     num_finite = torch.isfinite(x).sum(dim=-1)
     token = torch.empty(rows, dtype=torch.int64, device=x.device)
     rank = torch.empty(rows, dtype=torch.int64, device=x.device)
@@ -438,8 +443,7 @@ def select_rest(logits: torch.Tensor, params: SelectionParams) -> Selection:
     """The exact answer for a few rows the head could not resolve: the tail
     histogram for untruncated rows on the CPU, the full sort otherwise."""
     if logits.device.type != "cpu":
-        out: Selection = call_fused("select_sorted", select_sorted, logits.device, logits, params)
-        return out
+        return select_sorted(logits, params)
     plain = untruncated(params, logits.shape[-1])
     if not bool(plain.any()):
         return select_sorted(logits, params)
