@@ -26,6 +26,7 @@ from benchmarks.common import PoolSource, interleaved_ms, machine, verdict
 from qr_sampler.config import UNIFORM_BYTE_MEAN, UNIFORM_BYTE_STD, SamplingConfig, load_settings
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
+from qr_sampler.sampling.select import set_fused_kernels
 
 VOCAB = 151_936
 
@@ -78,10 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--compile-cpu", action="store_true", help="torch.compile the device step")
     args = ap.parse_args(argv)
+    if args.compile_cpu:
+        set_fused_kernels(True, devices=("cuda", "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}; torch.compile on the CPU: {args.compile_cpu}")
     gen = torch.Generator().manual_seed(7)
     pristine = torch.randn(args.batch, VOCAB, generator=gen) * 3
     work = torch.empty_like(pristine)

@@ -301,7 +301,7 @@ def profile_step(device: torch.device, batch: int) -> None:
 
     settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
     logits = MAKE_LOGITS(batch, torch.Generator().manual_seed(0)).to(device)
-    case = Case(device, [logits], SamplingConfig(), settings)
+    case = Case(device, [logits], SamplingConfig(top_k=50, top_p=0.9), settings)
     _, native = native_sampler()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for name, fn in (("pipeline math", case.math_step), ("native", None)):
@@ -317,9 +317,11 @@ def profile_step(device: torch.device, batch: int) -> None:
                 native(case.work, case.temp, case.k, case.p)
             else:
                 fn()
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\n{name}, batch {batch}:")
-        print(prof.key_averages().table(sort_by=key, row_limit=14))
+        print(f"\n{name}, batch {batch}, top_k=50, top_p=0.9:")
+        for key in ("self_cuda_time_total", "self_cpu_time_total"):
+            if key == "self_cuda_time_total" and device.type != "cuda":
+                continue
+            print(prof.key_averages().table(sort_by=key, row_limit=10))
     case.pipe.close()
 
 
@@ -333,10 +335,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--compile",
         choices=["dynamic", "auto", "static", "off"],
-        default="dynamic",
+        default="auto",
         help="torch.compile of the device step on CUDA",
     )
     ap.add_argument("--chunk", type=int, default=0, help="token ids per chunk (0: default)")
+    ap.add_argument("--compile-cpu", action="store_true", help="torch.compile on the CPU too")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--logits", choices=sorted(LOGITS), default="randn3")
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
@@ -348,13 +351,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.compile != "off":
         dyn = {"dynamic": True, "auto": None, "static": False}[args.compile]
-        set_fused_kernels(True, dynamic=dyn, mode=args.mode)
+        devices = ("cuda", "cpu") if args.compile_cpu else ("cuda",)
+        set_fused_kernels(True, dynamic=dyn, mode=args.mode, devices=devices)
     else:
         set_fused_kernels(False)
     global MAKE_LOGITS
     MAKE_LOGITS = LOGITS[args.logits]
     print(
-        f"logits: {args.logits}; torch.compile on CUDA: {args.compile} mode {args.mode}; "
+        f"logits: {args.logits}; torch.compile: {args.compile} mode {args.mode} "
+        f"(CPU too: {args.compile_cpu}); "
         f"head {args.head} chunks of {args.chunk}"
     )
     global HEAD, CHUNK

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 
 from benchmarks.common import machine, verdict
+from qr_sampler.entropy.breaker import BreakerConfig, CircuitBreaker
 from qr_sampler.entropy.grpc_client import QuantumGrpcSource
 from qr_sampler.entropy.wire import encode_varint
 from qr_sampler.proto import GET_ENTROPY, SERVER_STREAM_ENTROPY, STREAM_ENTROPY
@@ -100,12 +101,10 @@ def process(cmd: list[str], ready: Callable[[], bool], log: Path) -> Iterator[No
 
 
 def _answers(address: str) -> bool:
+    """True once a unary call to ``address`` returns (either server)."""
     try:
-        client = BareClient(address, "unary")
-        try:
-            client.fetch(1)
-        finally:
-            client.close()
+        with grpc.insecure_channel(address) as channel:
+            channel.unary_unary(GET_ENTROPY)(b"\x08\x01", timeout=2)
         return True
     except grpc.RpcError:
         return False
@@ -140,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=400, help="calls per client and cell")
     ap.add_argument("--budget-s", type=float, default=10.0, help="time bound per cell")
+    ap.add_argument(
+        "--server-args", default="", help="extra options of qr-sampler serve (quoted, one string)"
+    )
     args = ap.parse_args(argv)
-    print(f"machine: {machine()}; grpcio {grpc.__version__}")
+    print(f"machine: {machine()}; grpcio {grpc.__version__}; server options {args.server_args!r}")
     env_py = sys.executable
     verdicts = []
     with tempfile.TemporaryDirectory(prefix="qrbench-") as tmp:
@@ -154,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         for transport, (addr_p, addr_e) in transports.items():
             product_cmd = [env_py, "-m", "qr_sampler.cli", "serve", "--source", "urandom"]
+            product_cmd += args.server_args.split()
             with (
                 process(
                     [*product_cmd, "--address", addr_p],
@@ -167,7 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                 ),
             ):
                 for mode in MODES:
-                    product = QuantumGrpcSource(addr_p, mode=mode)  # type: ignore[arg-type]
+                    # a generous deadline: this measures latency; a loaded machine stalls
+                    breaker = CircuitBreaker(BreakerConfig(min_timeout_s=2.0))
+                    product = QuantumGrpcSource(
+                        addr_p,
+                        mode=mode,  # type: ignore[arg-type]
+                        breaker=breaker,
+                    )
                     bare = BareClient(addr_e, mode)
                     res = measure(
                         {

@@ -180,19 +180,26 @@ def test_row_stats_match_float64() -> None:
     assert torch.equal(stats.max_logit, x.amax(-1))
 
 
-@pytest.mark.parametrize("strategy", ["fixed", "edt"])
+@pytest.mark.parametrize("strategy", ["fixed", "edt", "top_k_only"])
 def test_pipeline_step_equals_full_sort(strategy: str) -> None:
-    """The pipeline's device stage (choose: fused statistics, chunked head,
-    fallback) agrees with the full sort at the temperatures it applied."""
-    rng = np.random.default_rng(11 if strategy == "fixed" else 12)
+    """The pipeline's device stage (choose: fused statistics, chunked head --
+    narrowed to 2k chunks when every row has top_k <= k --, fallback) agrees with
+    the full sort at the temperatures it applied."""
+    rng = np.random.default_rng(["fixed", "edt", "top_k_only"].index(strategy) + 11)
     vocab = 5000
     settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    head = 1024 if strategy == "top_k_only" else 8
     pipe = SamplingPipeline(
-        settings, source=MockUniformSource(seed=3), sink=RecordSink(None), head_size=8
+        settings, source=MockUniformSource(seed=3), sink=RecordSink(None), head_size=head
     )
+    table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 0.95, 0.05), (0, 1.0, 0.0)]
+    if strategy == "top_k_only":
+        table = [(50, 0.9, 0.0), (7, 1.0, 0.0), (50, 1.0, 0.1), (1, 1.0, 0.0)]
     configs = [
-        SamplingConfig(temperature_strategy=strategy, top_k=k, top_p=p, min_p=m)
-        for k, p, m in [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 0.95, 0.05), (0, 1.0, 0.0)]
+        SamplingConfig(
+            temperature_strategy="edt" if strategy == "edt" else "fixed", top_k=k, top_p=p, min_p=m
+        )
+        for k, p, m in table
     ]
     rows = [RowState.of(configs[i % len(configs)]) for i in range(40)]
     logits = np.concatenate([_logits(rng, "peaked", 20, vocab), _logits(rng, "bf16", 20, vocab)])

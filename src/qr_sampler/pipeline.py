@@ -193,7 +193,7 @@ class SamplingPipeline:
             sub,
             dev,
             fixed_t,
-            self.head_size,
+            _head_for(block, self.head_size),
             self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK),
         )
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
@@ -315,6 +315,19 @@ class SamplingPipeline:
 
 
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
+
+
+def _head_for(block: np.ndarray, head_size: int) -> int:
+    """Chunks the head needs: when every row keeps at most k tokens (top-k, or
+    greedy), a head of 2k chunks (a power of two, >= 16) holds the answer."""
+    greedy = (block[:, _EDT] == 0) & (block[:, _FIXED] <= 0)
+    k = np.where(greedy, 1.0, block[:, _TOPK])
+    if k.size == 0 or (k <= 0).any():
+        return head_size
+    need = 16
+    while need < 2 * k.max():  # ties at tau can leave the exact prefix a little short
+        need *= 2
+    return min(head_size, need)
 
 
 def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
