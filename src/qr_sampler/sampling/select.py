@@ -13,10 +13,23 @@ For each row, on the logits' own device:
 
 Every truncation keeps a rank-ordered *prefix*, so the whole vocabulary never
 needs ordering when the prefix is short or u falls early. :func:`select`
-therefore orders only a head of ``head_size`` tokens (``torch.topk``) and
-resolves every row it can there; rows whose answer lies beyond the head are
-recomputed with a full sort (:func:`select_sorted`, the reference). The result
-is identical except when u lies within float rounding of a CDF boundary.
+therefore orders only a head and resolves every row it can there:
+
+* :func:`select_chunked` (the fast path) cuts each row into chunks of a few
+  token ids, picks the ``head_size`` chunks with the largest maxima (a top-k
+  over chunk maxima only) and stably sorts just their tokens; every token above
+  the smallest chosen maximum is among them, so that prefix is exactly the
+  row's rank order. Its normaliser comes from :func:`row_stats` (fused into one
+  pass on CUDA through torch.compile, see :func:`set_fused_kernels`).
+* :func:`select_head` is the earlier head: ``torch.topk`` of ``head_size``
+  tokens over the whole row (kept for comparison).
+* Rows whose answer lies beyond the head go to :func:`select_rest`: on the CPU
+  untruncated rows use :func:`select_tail` (probability mass bucketed by value,
+  only the bucket holding u is ordered), everything else the full sort
+  (:func:`select_sorted`, the reference).
+
+The result is identical to :func:`select_sorted` except when u lies within
+float rounding of a CDF boundary (tests/test_select_fast.py).
 """
 
 from __future__ import annotations
