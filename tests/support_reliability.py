@@ -7,13 +7,11 @@ psutil is not a dependency: resident memory is read from ``/proc/PID/status``
 
 from __future__ import annotations
 
-import json
 import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 
 def rss_kib(pid: int) -> int:
@@ -64,20 +62,6 @@ def comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
-
-
-def post_raw(url: str, body: bytes, timeout: float = 120.0) -> tuple[int, Any]:
-    """POST a JSON body given as raw bytes (to send literals json.dumps cannot)."""
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        payload = e.read()
-        try:
-            return e.code, json.loads(payload)
-        except ValueError:
-            return e.code, payload.decode(errors="replace")
 
 
 def get_text(url: str, timeout: float = 10.0) -> str:

@@ -48,6 +48,20 @@ def tiny_model(vocab_size: int = 4096) -> Path:
     return out
 
 
+def post_raw(url: str, body: bytes, timeout: float = 120.0) -> tuple[int, Any]:
+    """POST a JSON body given as raw bytes; returns (status, parsed JSON or text)."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        payload = e.read()
+        try:
+            return e.code, json.loads(payload)
+        except ValueError:
+            return e.code, payload.decode(errors="replace")
+
+
 def _shm_segments() -> set[str]:
     try:
         return {p.name for p in Path("/dev/shm").iterdir() if p.name.startswith("vllm")}
@@ -123,19 +137,7 @@ class VLLMServer:
         return self.log_path.read_text(errors="replace")
 
     def post(self, path: str, body: dict[str, Any], timeout: float = 120.0) -> tuple[int, Any]:
-        data = json.dumps(body).encode()
-        req = urllib.request.Request(
-            self.url + path, data=data, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            payload = e.read()
-            try:
-                return e.code, json.loads(payload)
-            except ValueError:
-                return e.code, payload.decode(errors="replace")
+        return post_raw(self.url + path, json.dumps(body).encode(), timeout)
 
     def complete(self, prompt: str = "the quantum", max_tokens: int = 8, **body: Any) -> Any:
         status, out = self.post(

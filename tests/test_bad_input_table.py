@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support_reliability import post_raw
-from support_vllm import VLLMServer, running_vllm, tiny_model
+from support_vllm import VLLMServer, post_raw, running_vllm, tiny_model
 
 pytestmark = pytest.mark.engine
 
