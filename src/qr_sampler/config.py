@@ -349,6 +349,11 @@ class QRSettings(BaseSettings):
     metrics_port: int = _f(
         0, "an integer from 0 to 65535 (0 = off)", "Prometheus metrics port.", ge=0, le=65535
     )
+    fused_kernels: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "'auto', 'on' or 'off'",
+        "torch.compile the sampling step (auto = on CUDA only; on = also on the CPU).",
+    )
 
     # --- sampling defaults (overridable per request) ---------------------
     signal_amplifier_type: Literal["zscore_mean"] = _same("signal_amplifier_type")

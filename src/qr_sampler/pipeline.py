@@ -47,6 +47,7 @@ from qr_sampler.sampling.select import (
     row_stats,
     select_chunked,
     select_rest,
+    set_fused_kernels,
 )
 from qr_sampler.sampling.temperature import temperatures
 
@@ -136,6 +137,10 @@ class SamplingPipeline:
         self.listeners = list(listeners)
         self.config_hash = settings.config_hash()
         self.step = 0
+        if settings.fused_kernels == "off":
+            set_fused_kernels(False)
+        elif settings.fused_kernels == "on":
+            set_fused_kernels(True, devices=("cuda", "cpu"))
 
     # -- stage 2-3: entropy ------------------------------------------------
     def draw(self, rows: Sequence[RowState]) -> Draw:
