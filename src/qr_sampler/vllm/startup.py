@@ -23,6 +23,13 @@ def check_settings() -> None:
     from qr_sampler.errors import ConfigError
     from qr_sampler.vllm.compat import UnsupportedVLLMError, check_vllm_version
 
+    if _speculative_in_argv(sys.argv):
+        # vLLM's V1 runner silently skips installed logits processors under
+        # speculative decoding: tokens would be sampled without entropy.
+        _refuse(
+            "qr-sampler: cannot run with speculative decoding (draft tokens would be "
+            "accepted without entropy); remove --speculative-config"
+        )
     try:
         check_vllm_version()
         from qr_sampler.config import load_settings
@@ -32,6 +39,15 @@ def check_settings() -> None:
         _refuse(f"qr-sampler: invalid configuration: {exc}")
     except UnsupportedVLLMError as exc:
         _refuse(f"qr-sampler: {exc}")
+
+
+def _speculative_in_argv(argv: list[str]) -> bool:
+    """Whether a server command line turns speculative decoding on."""
+    for arg in argv[1:]:
+        flag = arg.split("=", 1)[0].replace("_", "-")
+        if flag in ("--speculative-config", "-sc") or flag.startswith("--speculative-config."):
+            return True
+    return False
 
 
 def _refuse(line: str) -> None:
