@@ -58,6 +58,7 @@ from qr_sampler.config import (
 )
 from qr_sampler.errors import ConfigError
 from qr_sampler.pipeline import RowState, SamplingPipeline
+from qr_sampler.sampling.select import force_tokens
 from qr_sampler.vllm.compat import check_vllm_config, check_vllm_version
 
 if TYPE_CHECKING:
@@ -276,8 +277,7 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
             eos = self._eos if self._eos is not None else 0
             try:
                 ids = torch.tensor(indices, dtype=torch.long, device=logits.device)
-                logits.index_fill_(0, ids, float("-inf"))
-                logits[ids, eos] = 0.0
+                force_tokens(logits, ids, torch.full_like(ids, eos))
             except Exception:
                 logger.exception("qr-sampler: could not force EOS")
             return [eos] * len(indices)
@@ -299,8 +299,6 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
                     indices,
                     r_indices,
                 )
-            from qr_sampler.sampling.select import force_tokens
-
             rows = torch.tensor(r_indices, dtype=torch.long, device=logits.device)
             tokens = torch.tensor(r_chosen, dtype=torch.long, device=logits.device)
             force_tokens(logits, rows, tokens)
