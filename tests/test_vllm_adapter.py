@@ -223,7 +223,7 @@ def _v2(max_reqs: int = 8) -> QRSamplerLogitsProcessor:
     return QRSamplerLogitsProcessor(_config(), state)
 
 
-def _ctx(slots: list[int]) -> LogitsContext:
+def _ctx(slots: list[int], seq_lens: list[int] | None = None) -> LogitsContext:
     n = len(slots)
     mapping = torch.tensor(slots, dtype=torch.int32)
     return LogitsContext(
@@ -233,7 +233,7 @@ def _ctx(slots: list[int]) -> LogitsContext:
         expanded_local_pos=torch.zeros(n, dtype=torch.int32),
         input_ids=torch.zeros(n, dtype=torch.int64),
         pos=torch.zeros(n, dtype=torch.int64),
-        seq_lens_upper_bound_np=np.ones(n, dtype=np.int32),
+        seq_lens_upper_bound_np=np.array(seq_lens or [1] * n, dtype=np.int32),
     )
 
 
@@ -288,6 +288,28 @@ def test_v2_recycled_slot_is_fully_reinitialised() -> None:
     steps = len(cap.steps)
     proc.apply(logits, _ctx([2]))
     assert torch.equal(logits, before) and len(cap.steps) == steps
+
+
+def test_v2_partial_prefill_chunks_draw_no_entropy() -> None:
+    """Under chunked prefill vLLM discards the token sampled for a request whose
+    prompt is not fully computed yet: such rows must not draw entropy or leave a
+    record. (``prefill_len`` is a UvaBackedTensor in vLLM, which needs CUDA; the
+    stand-in exposes the same host view, ``.np``.)"""
+    proc = _v2()
+    proc._req_states = SimpleNamespace(prefill_len=SimpleNamespace(np=np.array([0, 100, 0, 5])))
+    cap = _Capture(proc)
+    proc.add_request(1, _params(qr_label="long-prompt"))
+    proc.add_request(3, _params(qr_label="short"))
+    for seen in (32, 64, 96):  # three partial chunks of the long prompt
+        logits = _logits(2, seen)
+        before = logits.clone()
+        proc.apply(logits, _ctx([1, 3], [seen, 5 + seen // 32]))
+        assert torch.equal(logits[0], before[0]), "a partial-prefill row must be left alone"
+        assert {r: x.label for r, x in cap.last().items()} == {1: "short"}
+    logits = _logits(2, 7)
+    proc.apply(logits, _ctx([3, 1], [9, 100]))  # prefill complete: a real token
+    assert {r: x.label for r, x in cap.last().items()} == {0: "short", 1: "long-prompt"}
+    _forced_token(logits[1])
 
 
 def test_v2_per_request_settings_follow_their_request() -> None:

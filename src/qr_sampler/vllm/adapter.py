@@ -135,6 +135,7 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         else:  # V2: (req_states,)
             self.runner = "v2"
             self.device = getattr(args[0], "device", None) if args else None
+        self._req_states: Any = args[0] if self.runner == "v2" and args else None
         self.tp = _Tp.detect()
         self.draws_entropy = self.tp.rank == 0
         self.rows: dict[int, RowState | None] = {}  # V1 row / V2 slot -> state (None = bypass)
@@ -240,15 +241,17 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
     def apply(self, logits: torch.Tensor, ctx: Any = None) -> torch.Tensor:
         started = time.time_ns()
         row_keys: Sequence[int]
+        partial: frozenset[int] = frozenset()
         if ctx is None:  # V1: row i is persistent-batch row i
             row_keys = range(logits.shape[0])
         else:  # V2: row i belongs to slot idx_mapping_np[i]
             row_keys = [int(s) for s in ctx.idx_mapping_np[: logits.shape[0]]]
+            partial = self._partial_prefill_rows(ctx, row_keys)
         indices: list[int] = []
         states: list[RowState] = []
         for i, key in enumerate(row_keys):
             state = self.rows.get(key)
-            if state is not None:
+            if state is not None and i not in partial:
                 indices.append(i)
                 states.append(state)
         chosen: list[int] = []
@@ -259,6 +262,17 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         elif self._trace is not None and indices:
             self._trace.write(indices, chosen)
         return logits
+
+    def _partial_prefill_rows(self, ctx: Any, slots: Sequence[int]) -> frozenset[int]:
+        """V2: rows of requests still in a chunked prefill. vLLM discards the token
+        sampled for them, so they draw no entropy and leave no record (on the host,
+        no device sync: tokens visible this step < tokens to prefill)."""
+        try:
+            seen = ctx.seq_lens_upper_bound_np
+            prefill = self._req_states.prefill_len.np
+            return frozenset(i for i, s in enumerate(slots) if int(seen[i]) < int(prefill[s]))
+        except Exception:  # fields missing in this vLLM: treat every row as complete
+            return frozenset()
 
     def _sample(
         self, logits: torch.Tensor, indices: list[int], states: list[RowState], started: int
