@@ -49,6 +49,8 @@ def _env(entropy: EntropyServerProcess, tmp: Path, **extra: str) -> dict[str, st
         "QR_GRPC_MODE": "bidi_streaming",
         "QR_FALLBACK_MODE": "error",  # a fallback would hide a missing server
         "QR_RECORDS_PATH": str(tmp / "records.jsonl"),
+        # the default 'auto' binding fails a NUMA assertion with two ranks on the CPU build
+        "VLLM_CPU_OMP_THREADS_BIND": "0|1",
         **extra,
     }
 
@@ -61,7 +63,6 @@ def test_tensor_parallel_ranks_force_identical_tokens(
         counting_entropy,
         tmp_path,
         QRSAMPLER_RANK_TRACE_DIR=str(trace),
-        VLLM_CPU_OMP_THREADS_BIND="0|1",
     )
     with running_vllm(
         tiny_model(), env, ["--tensor-parallel-size", "2"], log_path=tmp_path / "vllm.log"
@@ -108,7 +109,7 @@ def test_tensor_parallel_ranks_force_identical_tokens(
 def test_data_parallel_engines_sample_independently(
     tmp_path: Path, counting_entropy: EntropyServerProcess
 ) -> None:
-    env = _env(counting_entropy, tmp_path, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    env = _env(counting_entropy, tmp_path)
     with running_vllm(
         tiny_model(), env, ["--data-parallel-size", "2"], log_path=tmp_path / "vllm.log"
     ) as server:
@@ -142,7 +143,6 @@ def test_pipeline_parallel_only_the_last_stage_samples(
         counting_entropy,
         tmp_path,
         QRSAMPLER_RANK_TRACE_DIR=str(trace),
-        VLLM_CPU_OMP_THREADS_BIND="0|1",
     )
     with running_vllm(
         tiny_model(),

@@ -129,20 +129,16 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         check_vllm_config(vllm_config)
         self.settings = process_settings()
         self.defaults: SamplingConfig = self.settings.sampling()
-        if len(args) == 2 and isinstance(args[0], torch.device):  # V1
-            self.runner = "v1"
-            self.device: torch.device | None = args[0]
-        else:  # V2: (req_states,)
-            self.runner = "v2"
-            self.device = getattr(args[0], "device", None) if args else None
-        self._req_states: Any = args[0] if self.runner == "v2" and args else None
+        # V1 passes (device, is_pin_memory); V2 passes (req_states,)
+        v1 = len(args) == 2 and isinstance(args[0], torch.device)
+        self.runner = "v1" if v1 else "v2"
+        self._req_states: Any = None if v1 or not args else args[0]
         self.tp = _Tp.detect()
         self.draws_entropy = self.tp.rank == 0
         self.rows: dict[int, RowState | None] = {}  # V1 row / V2 slot -> state (None = bypass)
         self._pipeline: SamplingPipeline | None = None
         self._eos = _eos_token_id(vllm_config)
         self._trace = _rank_trace(self.tp.rank)
-        self._failures = 0
         if self.draws_entropy:
             info = {
                 k: v
@@ -210,19 +206,11 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
                 self.rows[index] = self._row_state(params)
             for a, b, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
-                    sa, sb = self.rows.pop(a, None), self.rows.pop(b, None)
-                    self._put(a, sb)
-                    self._put(b, sa)
+                    self.rows[a], self.rows[b] = self.rows.get(b), self.rows.get(a)
                 else:
-                    self._put(b, self.rows.pop(a, None))
+                    self.rows[b] = self.rows.pop(a, None)
         except Exception:
             logger.exception("qr-sampler: failed to apply a batch update")
-
-    def _put(self, index: int, state: RowState | None) -> None:
-        if state is None:
-            self.rows.pop(index, None)
-        else:
-            self.rows[index] = state
 
     # ------------------------------------------------------------- V2 runner
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
@@ -286,7 +274,6 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         except Exception:
             # A bug, not an entropy failure (those are handled inside the pipeline):
             # end the affected requests rather than emit tokens without provenance.
-            self._failures += 1
             logger.exception("qr-sampler: sampling step failed; ending %d request(s)", len(indices))
             eos = self._eos if self._eos is not None else 0
             try:
