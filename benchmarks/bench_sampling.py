@@ -52,6 +52,7 @@ from qr_sampler.sampling.select import (
 VOCAB = 151_936
 HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
 CHUNK = 0  # token ids per chunk (--chunk; 0: the pipeline's default for the device)
+RADIX = "off"  # selection of rows without top-k/top-p (--radix)
 
 
 def _randn3(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -216,6 +217,7 @@ class Case:
             settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
         )
         self.pipe.chunk = CHUNK or None
+        self.pipe.radix = RADIX
         b = self.batch
         self.temp = torch.full((b,), config.fixed_temperature, device=device)
         self.k = torch.full((b,), config.top_k, device=device) if config.top_k else None
@@ -342,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-cpu", action="store_true", help="torch.compile on the CPU too")
     ap.add_argument("--mode", default=None, help="torch.compile mode, e.g. reduce-overhead")
     ap.add_argument("--logits", choices=sorted(LOGITS), default="randn3")
+    ap.add_argument(
+        "--radix",
+        choices=["off", "kernel", "torch"],
+        default="off",
+        help="rows without top-k/top-p: chunked head (off) or the exact radix search",
+    )
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="", help="write the results here")
@@ -360,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"logits: {args.logits}; torch.compile: {args.compile} mode {args.mode} "
         f"(CPU too: {args.compile_cpu}); "
-        f"head {args.head} chunks of {args.chunk}"
+        f"head {args.head} chunks of {args.chunk}; radix search {args.radix}"
     )
-    global HEAD, CHUNK
-    HEAD, CHUNK = args.head, args.chunk
+    global HEAD, CHUNK, RADIX
+    HEAD, CHUNK, RADIX = args.head, args.chunk, args.radix
     batches = [int(b) for b in args.batches.split(",")]
     results = run(device, batches, args.iters, args.budget_s)
     limit, floor = (2.0, 8) if device.type == "cpu" else (1.5, 64)

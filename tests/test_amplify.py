@@ -16,7 +16,13 @@ from scipy import stats
 from qr_sampler.config import UNIFORM_BYTE_STD
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.entropy.system import SystemEntropySource
-from qr_sampler.sampling.amplify import amplify, amplify_means, normal_cdf, sample_means
+from qr_sampler.sampling.amplify import (
+    amplify,
+    amplify_means,
+    normal_cdf,
+    row_byte_sums,
+    sample_means,
+)
 
 SIGMA = math.sqrt((256**2 - 1) / 12)
 WRONG_SIGMA = 255 / math.sqrt(12)
@@ -70,6 +76,19 @@ def test_sample_means_exact_for_large_chunks() -> None:
     assert sample_means([]).shape == (0,)
     with pytest.raises(ValueError):
         sample_means([b"abc", b""])
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 20_480, 20_481, 70_000])
+def test_row_byte_sums_are_exact_integer_sums(n: int) -> None:
+    rng = np.random.default_rng(n)
+    block = rng.integers(0, 256, size=(5, n), dtype=np.uint8)
+    block[0] = 255  # the largest partial sums: 256 x 255 per uint16 lane
+    block[1] = 0
+    expected = [sum(int(v) for v in row.tobytes()) for row in block]
+    assert row_byte_sums(block).tolist() == expected
+    assert row_byte_sums(block).dtype == np.uint64
+    chunks = [row.tobytes() for row in block]
+    assert sample_means(chunks).tolist() == [e / n for e in expected]
 
 
 def test_normal_cdf_in_both_tails() -> None:

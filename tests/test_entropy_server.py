@@ -198,6 +198,43 @@ def test_device_failing_health_tests_is_not_served() -> None:
     assert server.counters["failed:health_rct"] == 1
 
 
+def test_large_replies_in_flight_arrive_before_a_later_error() -> None:
+    """Large replies are sent while the next one is generated: a failure of a later
+    request (bad size, health test) still reaches the client only after every
+    earlier reply, and the stamps stay in generation order."""
+    big = 300_000  # above the server's pipelining threshold
+    gen = Recorder()
+    with entropy_server(gen, max_bytes=big, stream_chunk_bytes=100_000) as server:
+        channel, s = stub(server.address)
+        with channel:
+            requests = [entropy_pb2.EntropyRequest(bytes_needed=big, sequence_id=i) for i in (1, 2)]
+            requests.append(entropy_pb2.EntropyRequest(bytes_needed=big + 1, sequence_id=3))
+            got = []
+            with pytest.raises(grpc.RpcError) as info:
+                for reply in s.StreamEntropy(iter(requests)):
+                    got.append((len(reply.data), reply.sequence_id, reply.generation_timestamp_ns))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert [g[:2] for g in got] == [(big, 1), (big, 2)]
+            assert got[0][2] <= got[1][2]
+
+            # the device turns bad after the first message of a server stream
+            class TurnsBad(Recorder):
+                def __call__(self, n: int) -> bytes:
+                    self.zeros = len(self.calls) >= 1
+                    return super().__call__(n)
+
+            server._generate = TurnsBad()
+            sizes = []
+            with pytest.raises(grpc.RpcError) as info:
+                for part in s.ServerStreamEntropy(
+                    entropy_pb2.EntropyRequest(bytes_needed=big, sequence_id=4)
+                ):
+                    sizes.append(len(part.data))
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert sizes == [100_000]  # the good message was delivered, the bad one never
+    assert server.counters["failed:health_rct"] == 1
+
+
 def test_generator_errors_and_wrong_lengths_are_reported() -> None:
     def broken(n: int) -> bytes:
         raise OSError("device unplugged")

@@ -311,3 +311,25 @@ def test_diagnostic_ring_and_listeners() -> None:
     assert len(pipe.sink.recent) == 7  # bounded
     assert [len(batch) for batch in seen] == [4, 4, 4, 4]
     assert pipe.sample(torch.randn(2, 20), []).records == []
+
+
+def test_records_are_built_lazily_and_every_reader_sees_the_same_objects(tmp_path: Path) -> None:
+    seen: list[list[TokenRecord]] = []
+    path = tmp_path / "records.jsonl"
+    settings = _settings(records_path=str(path), diagnostics_max="10")
+    diag = RowState.of(
+        parse_request_options({"qr_diagnostic_mode": True}, settings.sampling()).config
+    )
+    pipe = SamplingPipeline(settings, listeners=[seen.append])
+    result = pipe.sample(torch.randn(3, 40), [diag] * 3)
+    assert seen[0] is result.records  # listeners, ring and result share one list
+    assert list(pipe.sink.recent) == result.records
+    assert result.token_ids == [r.token_id for r in result.records]
+    quiet = SamplingPipeline(_settings(records_path=str(tmp_path / "quiet.jsonl")))
+    later = quiet.sample(torch.randn(2, 40), [RowState.of(settings.sampling(), "q")] * 2)
+    first_step = later.records  # built once, whichever thread asked first
+    quiet.sample(torch.randn(2, 40), [RowState.of(settings.sampling(), "q")] * 2)
+    assert later.records is first_step and [r.step for r in first_step] == [1, 1]
+    quiet.close()
+    pipe.close()
+    assert read_records(tmp_path / "quiet.jsonl")[:2] == [r.to_dict() for r in first_step]

@@ -8,7 +8,14 @@ import json
 import math
 from pathlib import Path
 
-from qr_sampler.records import RECORD_FIELDS, RecordSink, TokenRecord, read_records
+from qr_sampler import records as records_mod
+from qr_sampler.records import (
+    RECORD_FIELDS,
+    RecordBatch,
+    RecordSink,
+    TokenRecord,
+    read_records,
+)
 
 
 def _record(i: int, **changes: object) -> TokenRecord:
@@ -85,3 +92,57 @@ def test_file_gets_every_record_in_order_and_appends(tmp_path: Path) -> None:
     again = read_records(path)
     assert again[:12] == first and again[12]["row"] == 9
     assert sink.stats()["dropped"] == 0
+
+
+def test_record_batch_is_built_once_and_by_the_writer_when_only_the_file_wants_it(
+    tmp_path: Path,
+) -> None:
+    calls: list[int] = []
+
+    def build() -> list[TokenRecord]:
+        calls.append(1)
+        return [_record(i) for i in range(3)]
+
+    no_file = RecordSink(None, ring_size=10)
+    no_file.emit(RecordBatch(3, build))
+    assert calls == []  # nobody reads these records: never built
+    batch = RecordBatch(3, build)
+    no_file.emit(batch, keep_recent=True)  # the ring needs them now
+    assert calls == [1] and list(no_file.recent) == batch.records()
+    assert batch.records() is batch.records() and calls == [1]
+
+    path = tmp_path / "r.jsonl"
+    with RecordSink(path) as sink:
+        lazy = RecordBatch(3, build)
+        sink.emit(lazy)
+        assert sink.flush()
+        assert calls == [1, 1]  # built by the writer thread
+        assert read_records(path) == [r.to_dict() for r in lazy.records()]
+        assert sink.stats()["written"] == 3
+
+
+def test_record_batch_is_built_at_once_when_the_writer_is_behind(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def build() -> list[TokenRecord]:
+        calls.append(1)
+        return [_record(0)]
+
+    with RecordSink(tmp_path / "r.jsonl") as sink:
+        sink._pending_count = records_mod._LAZY_BACKLOG  # as if the disk were slow
+        sink.emit(RecordBatch(1, build))
+        assert calls == [1]  # built by the caller: its entropy bytes are released
+
+
+def test_record_batch_that_cannot_be_built_is_dropped_not_fatal(tmp_path: Path) -> None:
+    def broken() -> list[TokenRecord]:
+        raise RuntimeError("a bug in the builder")
+
+    path = tmp_path / "r.jsonl"
+    with RecordSink(path) as sink:
+        sink.emit(RecordBatch(2, broken))
+        sink.emit([_record(5)])
+        assert sink.flush()
+        stats = sink.stats()
+    assert stats["dropped"] == 2 and stats["written"] == 1
+    assert [d["row"] for d in read_records(path)] == [5]

@@ -362,3 +362,16 @@ def test_unsupported_versions_and_modes_are_refused() -> None:
         check_vllm_config(_config(speculative_config=object()))
     with pytest.raises(UnsupportedVLLMError, match="batch-sharded"):
         check_vllm_config(_config(batch_sharded=True))
+
+
+def test_host_allocator_tuning_runs_once_and_can_be_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(adapter_mod, "_allocator_checked", False)
+    monkeypatch.setenv(adapter_mod.MALLOC_TUNING_ENV, "0")
+    assert adapter_mod._tune_host_allocator() is False
+    assert adapter_mod._allocator_checked
+    monkeypatch.setattr(adapter_mod, "_allocator_checked", False)
+    monkeypatch.delenv(adapter_mod.MALLOC_TUNING_ENV)
+    adapter_mod._tune_host_allocator()  # glibc here: thresholds raised (True), else False
+    assert adapter_mod._tune_host_allocator() is False  # once per process

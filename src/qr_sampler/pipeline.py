@@ -10,7 +10,10 @@ One step, for the rows qr-sampler controls (bypassed rows are never touched):
 5. temperature per row — fixed or EDT (:mod:`qr_sampler.sampling.temperature`);
 6. select by rank with u (:mod:`qr_sampler.sampling.select`): fused row
    statistics (max, entropy, logsumexp at T), then a chunked head ordered
-   without sorting the vocabulary; a full sort only for rows it cannot resolve;
+   without sorting the vocabulary; rows it cannot resolve take the tail
+   histogram or a full sort after a second, small sync (opt-in: the exact radix
+   search over value keys answers rows without top-k/top-p with no second sync,
+   :attr:`SamplingPipeline.radix`);
 7. force each row to its token (0 there, -inf elsewhere) in place;
 8. bring the per-row results to the host in one copy and emit one record per row.
 
@@ -33,7 +36,7 @@ from qr_sampler.config import QRSettings, SamplingConfig
 from qr_sampler.entropy.base import EntropyChunk, EntropySource
 from qr_sampler.entropy.registry import build_entropy
 from qr_sampler.errors import EntropyError
-from qr_sampler.records import SCHEMA_VERSION, RecordSink, TokenRecord
+from qr_sampler.records import SCHEMA_VERSION, RecordBatch, RecordSink, TokenRecord
 from qr_sampler.sampling.amplify import amplify
 from qr_sampler.sampling.select import (
     DEFAULT_CHUNK,
@@ -44,8 +47,10 @@ from qr_sampler.sampling.select import (
     effective_temperature,
     force_tokens,
     log_normalizer,
+    radix_eligible,
     row_stats,
     select_chunked,
+    select_radix,
     select_rest,
     set_fused_kernels,
 )
@@ -101,11 +106,24 @@ class Draw:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """What one step chose: token ids per controlled row (host) and the records."""
+    """What one step chose: token ids per controlled row (host) and the records.
+
+    ``batch`` may be handed over unbuilt (a :class:`RecordBatch` or a list);
+    :attr:`records` builds it on first use and is the list the sink writes.
+    """
 
     rows: list[int]
     token_ids: list[int]
-    records: list[TokenRecord]
+    batch: RecordBatch | list[TokenRecord]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.batch, RecordBatch):
+            object.__setattr__(self, "batch", RecordBatch.of(self.batch))
+
+    @property
+    def records(self) -> list[TokenRecord]:
+        batch = self.batch
+        return batch.records() if isinstance(batch, RecordBatch) else batch
 
 
 class SamplingPipeline:
@@ -133,6 +151,9 @@ class SamplingPipeline:
         self.head_size = head_size
         #: token ids per chunk of the chunked head (None: 16 on accelerators, 4 on the CPU)
         self.chunk: int | None = None
+        #: selection of rows without top-k/top-p: "off" (None), "kernel" or
+        #: "torch" (see _radix_mode)
+        self.radix: str | None = None
         self.clock = clock
         self.listeners = list(listeners)
         self.config_hash = settings.config_hash()
@@ -181,7 +202,9 @@ class SamplingPipeline:
 
         One host<->device sync in a normal step (the result block's copy); the
         settings go over without one (pinned, non-blocking). Rows the chunked
-        head cannot resolve cost a second, small one and a full sort of those rows.
+        head cannot resolve cost a second, small sync and the tail histogram or
+        a full sort of those rows; with the radix search on (``self.radix``),
+        rows without top-k/top-p never do.
         """
         block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
         block[:, _U] = u
@@ -191,7 +214,10 @@ class SamplingPipeline:
         if not block[:, _EDT].any():  # temperatures known now: one pass gives every statistic
             fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0).astype(np.float32)
             fixed_t = _to_device(fixed, logits.device)
-        token_ids, out, t = call_fused(
+        mode = self._radix_mode()
+        radix = _radix_rows(block, sub.shape[-1]) if mode != "off" else np.zeros(len(rows), bool)
+        use_radix, use_head = bool(radix.any()), not bool(radix.all())
+        token_ids, out, t, lse, max_logit = call_fused(
             "pipeline_step",
             _device_step,
             logits.device,
@@ -200,7 +226,18 @@ class SamplingPipeline:
             fixed_t,
             _head_for(block, self.head_size),
             self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK),
+            use_radix and mode == "torch",
+            use_head,
         )
+        if use_radix and mode == "kernel":
+            from qr_sampler.sampling.radix_kernel import radix_into
+
+            which = _to_device(np.flatnonzero(radix).astype(np.int64), logits.device)
+            try:
+                radix_into(sub, which, t, lse, max_logit, dev, _U, _MINP, token_ids, out)
+            except Exception as exc:  # e.g. the kernel fails to compile on this GPU
+                _RADIX_KERNEL["ok"] = False  # its rows stay unresolved: exact fallback below
+                logger.warning("radix kernel failed (%s); using the chunked head", exc)
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
         if pending.size:
@@ -219,6 +256,25 @@ class SamplingPipeline:
                 entropy.index_select(0, idx),
             )
         return token_ids, host
+
+    def _radix_mode(self) -> str:
+        """How rows without top-k/top-p are selected: "off" (the default: chunked
+        head, then the tail histogram or a sort), "kernel" (the exact radix
+        search as one Triton kernel, one host sync per step but slower than the
+        head so far: benchmarks/RESULTS.md) or "torch" (the same search in torch
+        ops, for tests). "kernel" falls back to "off" where Triton is missing."""
+        mode = self.radix or "off"
+        if mode != "kernel":
+            return mode
+        if _RADIX_KERNEL.get("ok") is None:
+            try:
+                from qr_sampler.sampling import radix_kernel  # noqa: F401
+            except Exception as exc:  # no Triton here: the head path stays exact
+                logger.warning("radix kernel unavailable (%s); using the chunked head", exc)
+                _RADIX_KERNEL["ok"] = False
+            else:
+                _RADIX_KERNEL["ok"] = True
+        return "kernel" if _RADIX_KERNEL["ok"] else "off"
 
     @staticmethod
     def _to_host(
@@ -255,12 +311,21 @@ class SamplingPipeline:
             token_ids = torch.where(eos, torch.full_like(token_ids, self.eos_token_id), token_ids)
             host[draw.failed, _TOK] = self.eos_token_id
         force_tokens(logits, row_index, token_ids)
-        records = self._records(rows, index_list, draw, host, started, time.perf_counter_ns() - t0)
+        # Records are built when first read: here when listeners or the
+        # diagnostics ring want them, else on the record writer's thread.
+        latency, now, step = time.perf_counter_ns() - t0, self.clock(), self.step
+        rows, host = list(rows), host.copy()  # the batch owns what it builds from
+        batch = RecordBatch(
+            len(rows),
+            lambda: self._records(rows, index_list, draw, host, started, latency, now, step),
+        )
         keep = any(r.config.diagnostic_mode for r in rows)
-        self.sink.emit(records, keep_recent=keep)
-        for listener in self.listeners:
-            listener(records)
-        return StepResult(index_list, [r.token_id for r in records], records)
+        self.sink.emit(batch, keep_recent=keep)
+        if self.listeners:
+            records = batch.records()
+            for listener in self.listeners:
+                listener(records)
+        return StepResult(index_list, host[:, _TOK].astype(np.int64).tolist(), batch)
 
     def _records(
         self,
@@ -270,8 +335,25 @@ class SamplingPipeline:
         host: np.ndarray,
         started: int,
         latency_ns: int,
+        now: int | None = None,
+        step: int | None = None,
     ) -> list[TokenRecord]:
-        now = self.clock()
+        now = self.clock() if now is None else now
+        step = self.step if step is None else step
+        failed = draw.failed
+        # whole columns to Python numbers at once (per-element numpy indexing
+        # costs more than building the record itself)
+        tokens = host[:, _TOK].astype(np.int64).tolist()
+        ranks = np.where(failed, -1, host[:, _RANK]).astype(np.int64).tolist()
+        probs = np.where(failed, np.nan, host[:, _PROB]).tolist()
+        ncands = host[:, _NCAND].astype(np.int64).tolist()
+        temps = host[:, _TEMP].tolist()
+        entropies = host[:, _ENT].tolist()
+        us = np.where(failed, np.nan, draw.u).tolist()
+        zs = np.asarray(draw.z, dtype=np.float64).tolist()
+        means = np.asarray(draw.sample_mean, dtype=np.float64).tolist()
+        fails = failed.tolist()
+        config_hash, fetch_ns = self.config_hash, draw.fetch_latency_ns
         out: list[TokenRecord] = []
         for i, row in enumerate(rows):
             c = draw.chunks[i]
@@ -284,17 +366,17 @@ class SamplingPipeline:
                     label=cfg.label,
                     request_id=row.request_id,
                     row=index_list[i],
-                    step=self.step,
-                    token_id=int(host[i, _TOK]),
-                    rank=-1 if draw.failed[i] else int(host[i, _RANK]),
-                    probability=float("nan") if draw.failed[i] else float(host[i, _PROB]),
-                    num_candidates=int(host[i, _NCAND]),
-                    temperature=float(host[i, _TEMP]),
+                    step=step,
+                    token_id=tokens[i],
+                    rank=ranks[i],
+                    probability=probs[i],
+                    num_candidates=ncands[i],
+                    temperature=temps[i],
                     temperature_strategy=cfg.temperature_strategy,
-                    shannon_entropy=float(host[i, _ENT]),
-                    u=float("nan") if draw.failed[i] else float(draw.u[i]),
-                    z=float(draw.z[i]),
-                    sample_mean=float(draw.sample_mean[i]),
+                    shannon_entropy=entropies[i],
+                    u=us[i],
+                    z=zs[i],
+                    sample_mean=means[i],
                     byte_count=len(c.data) if c is not None else 0,
                     entropy_source=c.source if c is not None else "none",
                     device_id=c.device_id if c is not None else "",
@@ -303,10 +385,10 @@ class SamplingPipeline:
                     fallback=c.fallback if c is not None else False,
                     fallback_reason=c.fallback_reason if c is not None else draw.error,
                     health=c.health if c is not None else "off",
-                    fetch_latency_ns=draw.fetch_latency_ns,
+                    fetch_latency_ns=fetch_ns,
                     sampling_latency_ns=latency_ns,
-                    config_hash=self.config_hash,
-                    failed=bool(draw.failed[i]),
+                    config_hash=config_hash,
+                    failed=fails[i],
                     population_mean=cfg.population_mean,
                     population_std=cfg.population_std,
                     uniform_clamp_epsilon=cfg.uniform_clamp_epsilon,
@@ -320,6 +402,8 @@ class SamplingPipeline:
 
 
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
+#: whether the Triton radix kernel imports here (decided on first use)
+_RADIX_KERNEL: dict[str, bool | None] = {"ok": None}
 
 
 def _head_for(block: np.ndarray, head_size: int) -> int:
@@ -333,6 +417,15 @@ def _head_for(block: np.ndarray, head_size: int) -> int:
     while need < 2 * k.max():  # ties at tau can leave the exact prefix a little short
         need *= 2
     return min(head_size, need)
+
+
+def _radix_rows(block: np.ndarray, vocab: int) -> np.ndarray:
+    """Rows the radix search answers (sampled, no top-k, no top-p): known on the
+    host from the settings, so the device step is specialised without a sync."""
+    sampled = (block[:, _EDT] > 0) | (block[:, _FIXED] > 0)
+    no_k = (block[:, _TOPK] <= 0) | (block[:, _TOPK] >= vocab)
+    result: np.ndarray = sampled & no_k & (block[:, _TOPP] >= 1.0)
+    return result
 
 
 def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
@@ -351,9 +444,18 @@ def _device_step(
     fixed_t: torch.Tensor | None,
     head_size: int,
     chunk: int = DEFAULT_CHUNK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    use_radix: bool = False,
+    use_head: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stages 5-6 on the logits' device, host-sync free (compiled whole on CUDA):
-    token ids, the result block (float64, columns _TOK.._ENT) and the temperatures."""
+    token ids, the result block (float64, columns _TOK.._ENT), the temperatures,
+    logsumexp(logits / T) and the row maxima.
+
+    ``use_radix``: rows without top-k/top-p take the exact radix search in torch
+    ops (:func:`select_radix`, resolved by construction); ``use_head``: the other
+    rows take the chunked head. Both flags come from the host's settings. With
+    neither, the selection columns are left 0 (unresolved) for the radix kernel
+    to fill."""
     stats = row_stats(sub, fixed_t, fused=False)
     t, entropy = temperatures(
         sub,
@@ -369,9 +471,27 @@ def _device_step(
     lse = stats.lse
     if lse is None:
         lse = log_normalizer(sub, stats.max_logit, effective_temperature(params), fused=False)
-    sel, resolved = select_chunked(sub, params, lse, stats.num_finite, head_size, chunk)
+    zero = torch.zeros_like(stats.num_finite)
+    sel = Selection(zero, zero, zero.double(), zero)
+    resolved = torch.zeros_like(zero, dtype=torch.bool)
+    if use_head:
+        sel, resolved = select_chunked(sub, params, lse, stats.num_finite, head_size, chunk)
+    if use_radix:
+        exact = select_radix(sub, params, lse, stats.max_logit)
+        if use_head:
+            take = radix_eligible(params, sub.shape[-1])
+            sel = Selection(
+                *(
+                    torch.where(take, getattr(exact, f), getattr(sel, f))
+                    for f in ("token_ids", "rank", "prob", "num_candidates")
+                )
+            )
+            resolved = resolved | take
+        else:
+            sel, resolved = exact, torch.ones_like(exact.rank, dtype=torch.bool)
     cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
-    return sel.token_ids, torch.stack([c.double() for c in cols], dim=1), t
+    block = torch.stack([c.double() for c in cols], dim=1)
+    return sel.token_ids, block, t, lse, stats.max_logit
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

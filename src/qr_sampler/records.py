@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any
@@ -94,6 +94,51 @@ _FLOAT_FIELDS: tuple[str, ...] = tuple(
 )
 
 _LOG_EVERY_S = 10.0
+#: queued records beyond which new batches are built at once (not by the writer)
+_LAZY_BACKLOG = 1024
+
+
+class RecordBatch:
+    """One step's records, built once on first use, from whichever thread asks.
+
+    The pipeline hands the sink a batch with a builder instead of a list so that
+    the engine thread does not build records nobody reads at once: when only the
+    file wants them, the writer thread builds them. Every reader (the file, the
+    diagnostics ring, listeners, ``StepResult.records``) gets the same list.
+    """
+
+    __slots__ = ("_build", "_lock", "_records", "size")
+
+    def __init__(self, size: int, build: Callable[[], list[TokenRecord]]) -> None:
+        self.size = size
+        self._build: Callable[[], list[TokenRecord]] | None = build
+        self._records: list[TokenRecord] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, records: list[TokenRecord]) -> RecordBatch:
+        """A batch of records already built."""
+        batch = cls(len(records), lambda: records)
+        batch._records, batch._build = records, None
+        return batch
+
+    def records(self) -> list[TokenRecord]:
+        """The records (built on the first call; later calls return the same list)."""
+        done = self._records
+        if done is not None:
+            return done
+        with self._lock:
+            if self._records is None:
+                build = self._build
+                assert build is not None
+                built = build()
+                if len(built) != self.size:
+                    raise RuntimeError(f"record batch: {len(built)} records, expected {self.size}")
+                self._records, self._build = built, None
+            return self._records
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class RecordSink:
@@ -129,7 +174,8 @@ class RecordSink:
         self._has_work = threading.Condition(self._lock)
         self._has_room = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
-        self._pending: list[TokenRecord] = []
+        self._pending: list[RecordBatch] = []
+        self._pending_count = 0  # records in _pending
         self._accepted = 0  # records handed to the writer (written or dropped later)
         self._settled = 0  # records the writer has written or dropped
         self._closing = False
@@ -155,26 +201,36 @@ class RecordSink:
             ) from None
 
     # -- producer side (engine thread) -----------------------------------------
-    def emit(self, records: list[TokenRecord], keep_recent: bool = False) -> None:
-        """Queue ``records`` for the file (and the ring when ``keep_recent``)."""
+    def emit(self, records: list[TokenRecord] | RecordBatch, keep_recent: bool = False) -> None:
+        """Queue ``records`` for the file (and the ring when ``keep_recent``).
+
+        A :class:`RecordBatch` not yet built is built here only for the ring;
+        for the file the writer thread builds it.
+        """
+        batch = records if isinstance(records, RecordBatch) else RecordBatch.of(records)
         if keep_recent and self.recent.maxlen:
-            self.recent.extend(records)
-        if self.path is None or not records:
+            self.recent.extend(batch.records())
+        elif self._pending_count >= _LAZY_BACKLOG:
+            # the writer is behind: an unbuilt batch holds its step's entropy bytes
+            # (KBs per row), so build here and let those go (bounds the memory)
+            batch.records()
+        if self.path is None or not batch.size:
             return
-        n = len(records)
+        n = batch.size
         with self._lock:
             if self._closing:
                 self._drop_locked(n, "the record sink is closed")
                 return
-            if len(self._pending) + n > self._capacity:
+            if self._pending_count + n > self._capacity:
                 deadline = time.monotonic() + self._max_block_s
-                while len(self._pending) + n > self._capacity:
+                while self._pending_count + n > self._capacity:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._closing:
                         self._drop_locked(n, "records buffer full (disk too slow?)")
                         return
                     self._has_room.wait(remaining)
-            self._pending.extend(records)
+            self._pending.append(batch)
+            self._pending_count += n
             self._accepted += n
             self._has_work.notify()
         self._ensure_thread()
@@ -211,30 +267,42 @@ class RecordSink:
                 while not self._pending and not self._closing:
                     self._has_work.wait()
                 batch, self._pending = self._pending, []
+                self._pending_count = 0
                 stop = self._closing and not batch
                 self._has_room.notify_all()
             if stop:
                 return
             self._write(batch)
 
-    def _write(self, batch: list[TokenRecord]) -> None:
-        text = "".join([r.to_json() + "\n" for r in batch])
+    def _write(self, batches: list[RecordBatch]) -> None:
+        count = sum(b.size for b in batches)
+        parts: list[str] = []
+        broken = 0
+        for batch in batches:
+            try:
+                parts.extend([r.to_json() + "\n" for r in batch.records()])
+            except Exception:  # a bug building this step's records: drop them only
+                logger.exception("records: could not build or serialise %d record(s)", batch.size)
+                broken += batch.size
         ok = False
         try:
-            if self._fh is None:
-                self._fh = self._open()
-            self._fh.write(text)
-            self._fh.flush()
+            if parts:
+                if self._fh is None:
+                    self._fh = self._open()
+                self._fh.write("".join(parts))
+                self._fh.flush()
             ok = True
         except (OSError, ValueError) as exc:  # ValueError: closed file, ConfigError
             self._reset_file_after_error(exc)
         with self._lock:
+            if broken:
+                self._drop_locked(broken, "records could not be built")
             if ok:
-                self.written += len(batch)
+                self.written += count - broken
             else:
                 self.write_errors += 1
-                self._drop_locked(len(batch), f"cannot write {self.path}")
-            self._settled += len(batch)
+                self._drop_locked(count - broken, f"cannot write {self.path}")
+            self._settled += count
             self._progress.notify_all()
 
     def _reset_file_after_error(self, exc: Exception) -> None:
@@ -275,10 +343,12 @@ class RecordSink:
             thread.join(timeout)
         with self._lock:
             leftover, self._pending = self._pending, []
+            self._pending_count = 0
             if leftover and thread is not None and thread.is_alive():
                 # the writer is stuck on a slow disk: give up on what it has not taken
-                self._drop_locked(len(leftover), f"closing: {self.path} too slow")
-                self._settled += len(leftover)
+                left = sum(b.size for b in leftover)
+                self._drop_locked(left, f"closing: {self.path} too slow")
+                self._settled += left
                 leftover = []
         if leftover:
             self._write(leftover)  # no writer thread is running: write here

@@ -208,16 +208,30 @@ def _check_reply(reply: Reply, size: int, seq: int | None) -> Reply:
 
 
 class _Waiter:
-    """One request in flight on the bidi stream."""
+    """One request in flight on the bidi stream.
 
-    __slots__ = ("error", "event", "reply", "seq", "size")
+    Resolved exactly once (by the reader or by :meth:`_BidiStream.fail`, whichever
+    takes it out of the pending map): :meth:`resolve` releases a lock taken at
+    creation, which :meth:`wait` acquires — lighter than an ``Event`` on the hot
+    path (no condition variable, no Python-level waiter list).
+    """
+
+    __slots__ = ("_done", "error", "reply", "seq", "size")
 
     def __init__(self, seq: int, size: int) -> None:
         self.seq = seq
         self.size = size
-        self.event = threading.Event()
+        self._done = threading.Lock()
+        self._done.acquire()
         self.reply: Reply | None = None
         self.error: EntropyError | None = None
+
+    def resolve(self) -> None:
+        self._done.release()
+
+    def wait(self, timeout_s: float) -> bool:
+        """True once resolved; False when ``timeout_s`` passed first."""
+        return self._done.acquire(timeout=max(0.0, timeout_s))
 
 
 class _BidiStream:
@@ -298,7 +312,7 @@ class _BidiStream:
             )
             return
         waiter.reply = reply
-        waiter.event.set()
+        waiter.resolve()
 
     def fail(self, error: EntropyError) -> None:
         """Fail every waiter with ``error`` and close the stream."""
@@ -311,7 +325,7 @@ class _BidiStream:
                 self.error = error
         for waiter in waiters:
             waiter.error = error
-            waiter.event.set()
+            waiter.resolve()
         if not already:
             self._requests.put(None)
             self._call.cancel()
@@ -613,6 +627,18 @@ class QuantumGrpcSource(EntropySource):
 
     def _fetch_unary(self, pieces: list[_Piece], timeout: float) -> list[Reply]:
         call = self._get_callable()
+        if len(pieces) == 1:
+            # one request: a blocking call in this thread (no hand-off to gRPC's
+            # channel thread and back, as a future would need)
+            piece = pieces[0]
+            seq = self._seq_or_none(piece)
+            try:
+                raw = call(
+                    encode_request(piece.size, seq), timeout=timeout, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                raise _rpc_error(exc, self.method_path, timeout) from None
+            return [_check_reply(decode_response(raw, extended=self.extended), piece.size, seq)]
         futures = [
             (
                 piece,
@@ -701,7 +727,7 @@ class QuantumGrpcSource(EntropySource):
         deadline = time.monotonic() + timeout
         replies: list[Reply] = []
         for waiter in waiters:
-            if not waiter.event.wait(max(0.0, deadline - time.monotonic())):
+            if not waiter.wait(deadline - time.monotonic()):
                 error = _Timeout(
                     f"no reply within the {timeout * 1000:.0f} ms deadline ({self.method_path})"
                 )
@@ -716,33 +742,49 @@ class QuantumGrpcSource(EntropySource):
     def _cut(
         self, sizes: list[int], replies: list[Reply], health: str, latency_ns: int
     ) -> list[EntropyChunk]:
-        """Cut the replies (in order) into one chunk per row, with provenance."""
-        data = b"".join(r.data for r in replies)
-        ends = list(itertools.accumulate(len(r.data) for r in replies))
+        """Cut the replies (in order) into one chunk per row, with provenance.
+
+        A row inside one reply is sliced from it (one copy; none when the row is
+        the whole reply); only a row that spans replies joins their pieces."""
         chunks: list[EntropyChunk] = []
-        offset = 0
-        first = 0  # index of the reply holding the row's first byte
+        name, extended, address = self.name, self.extended, self.address
+        index = 0  # the reply holding the row's first byte
+        pos = 0  # offset of that byte in it
         for n in sizes:
-            while ends[first] <= offset:
-                first += 1
-            last = first
-            while ends[last] < offset + n:
-                last += 1
-            spanned = replies[first : last + 1]
-            stamps = [r.generation_timestamp_ns for r in spanned if r.generation_timestamp_ns]
-            head = replies[first]
+            head = replies[index]
+            buf = head.data
+            stamp = head.generation_timestamp_ns or 0
+            if pos + n <= len(buf):  # the usual case: within one reply
+                data = buf if pos == 0 and n == len(buf) else buf[pos : pos + n]
+                pos += n
+            else:  # spans replies: join their pieces, keep the earliest stamp
+                parts = [buf[pos:]]
+                need = n - (len(buf) - pos)
+                while need > 0:  # bounded: each turn consumes one more reply
+                    index += 1
+                    nxt = replies[index]
+                    take = min(need, len(nxt.data))
+                    parts.append(nxt.data[:take])
+                    if nxt.generation_timestamp_ns and (
+                        not stamp or nxt.generation_timestamp_ns < stamp
+                    ):
+                        stamp = nxt.generation_timestamp_ns
+                    need -= take
+                    pos = take
+                data = b"".join(parts)
+            if pos == len(replies[index].data) and index + 1 < len(replies):
+                index, pos = index + 1, 0
             chunks.append(
                 EntropyChunk(
-                    data=data[offset : offset + n],
-                    source=self.name,
-                    device_id=head.device_id or self.address,
-                    generation_timestamp_ns=min(stamps) if stamps else 0,
-                    sequence_id=head.sequence_id if self.extended and head.sequence_id else -1,
+                    data=data,
+                    source=name,
+                    device_id=head.device_id or address,
+                    generation_timestamp_ns=stamp,
+                    sequence_id=head.sequence_id if extended and head.sequence_id else -1,
                     health=health,
                     fetch_latency_ns=latency_ns,
                 )
             )
-            offset += n
         return chunks
 
     def describe(self) -> dict[str, object]:

@@ -158,6 +158,49 @@ class HealthCutoffs:
         }
 
 
+#: bytes examined per block: every pass of a block stays in the CPU cache, and the
+#: scratch arrays (allocated once per monitor) stay small
+_BLOCK: int = 131_072  # a multiple of APT_WINDOW
+
+
+def _has_true_run(
+    mask: np.ndarray, k: int, scratch: tuple[np.ndarray, np.ndarray] | None = None
+) -> bool:
+    """True when the 1-D boolean ``mask`` holds ``k >= 1`` consecutive True values.
+
+    Doubling: after each step ``cur[i]`` says whether ``mask[i : i + length]`` is
+    all True; a final overlapping step reaches exactly ``k``. About
+    ``log2(k) + 1`` whole-array passes, never a Python loop over the data.
+    ``scratch``: two writable boolean arrays of at least ``mask.size`` elements,
+    written alternately (the first must not share memory with ``mask``).
+    """
+    if mask.size < k:
+        return False
+    if scratch is None:
+        scratch = (np.empty(mask.size, dtype=bool), np.empty(mask.size, dtype=bool))
+    cur, length, turn = mask, 1, 0
+    while 2 * length <= k:  # at most log2(k) steps
+        size = cur.size - length
+        cur = np.logical_and(cur[:size], cur[length:], out=scratch[turn][:size])
+        length *= 2
+        turn ^= 1
+    rest = k - length  # 0 <= rest < length: the two spans overlap or touch
+    if rest:
+        size = cur.size - rest
+        cur = np.logical_and(cur[:size], cur[rest:], out=scratch[turn][:size])
+    return bool(cur.any())
+
+
+def _first_value_counts(windows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Per row of the 2-D ``uint8`` array: how often the row's first value occurs in it.
+
+    ``out``: an optional boolean scratch array of the same shape."""
+    hits = np.equal(windows, windows[:, :1], out=out)
+    # a row of at most 65,535 values cannot overflow a 16-bit count
+    counts: np.ndarray = hits.sum(axis=1, dtype=np.uint16 if hits.shape[1] <= 65_535 else np.int64)
+    return counts
+
+
 class HealthMonitor:
     """Stateful RCT + APT over one continuous byte stream (thread-safe).
 
@@ -173,6 +216,9 @@ class HealthMonitor:
         self.bytes_tested = 0
         self.failures: dict[str, int] = {"rct": 0, "apt": 0}
         self._lock = threading.Lock()
+        # scratch arrays for one block (used under the lock)
+        span = _BLOCK + self.cutoffs.rct
+        self._scratch = tuple(np.empty(span, dtype=bool) for _ in range(3))
         self._reset()
 
     def _reset(self) -> None:
@@ -188,52 +234,81 @@ class HealthMonitor:
         with self._lock:
             self._reset()
 
-    def _rct(self, arr: np.ndarray) -> bool:
-        """True when ``arr`` (continuing the carried run) holds a run of ``C_rct``."""
-        c = self.cutoffs.rct
-        if self._run and int(arr[0]) == self._last:
-            # continue the carried run: prepend (at most C - 1) copies of its value
-            head = np.full(min(self._run, c - 1), self._last, dtype=np.uint8)
-            arr = np.concatenate((head, arr))
-        eq = arr[1:] == arr[:-1]  # eq[i]: byte i + 1 repeats byte i
-        k = c - 1  # a run of c bytes is k consecutive equal pairs
-        failed = False
-        if eq.size >= k:
-            acc = eq[: eq.size - k + 1].copy()
-            for j in range(1, k):
-                acc &= eq[j : eq.size - k + 1 + j]
-            failed = bool(acc.any())
-        # carry the trailing run (capped: longer runs have failed already)
-        tail = eq[-k:] if k else eq[:0]
-        breaks = np.flatnonzero(~tail)
-        trailing = tail.size - 1 - int(breaks[-1]) if breaks.size else tail.size
-        self._last = int(arr[-1])
-        self._run = min(trailing + 1, arr.size)
-        return failed
+    def _rct(self, data: bytes, arr: np.ndarray) -> bool:
+        """True when ``data`` (continuing the carried run) holds a run of ``C_rct``.
 
-    def _apt(self, data: bytes) -> int:
+        Only the ends of the chunk are walked in Python (at most ``C_rct`` bytes
+        each); the interior is checked with whole-array operations
+        (:func:`_has_true_run` over the equal-neighbour mask).
+        """
+        c = self.cutoffs.rct
+        n = len(data)
+        limit = min(n, c)
+        first, final = data[0], data[-1]
+        lead = 1  # leading run, capped at c
+        while lead < limit and data[lead] == first:
+            lead += 1
+        carried = self._run if self._run and first == self._last else 0
+        if carried + lead >= c:
+            return True
+        if n >= c and self._interior_run(arr, c - 1):
+            return True
+        trail = 1  # trailing run, capped at c (a run of c has failed above)
+        while trail < limit and data[n - 1 - trail] == final:
+            trail += 1
+        self._last = final
+        self._run = carried + n if trail == n else trail
+        return False
+
+    def _interior_run(self, arr: np.ndarray, k: int) -> bool:
+        """True when ``arr`` holds ``k + 1`` equal bytes in a row, block by block.
+
+        Blocks overlap by ``k`` bytes, so a run crossing a block edge is seen."""
+        eq_buf, spare_a, spare_b = self._scratch
+        for start in range(0, arr.size - k, _BLOCK):  # ceil(size / _BLOCK) blocks at most
+            seg = arr[start : start + _BLOCK + k]
+            eq = np.equal(seg[1:], seg[:-1], out=eq_buf[: seg.size - 1])
+            if _has_true_run(eq, k, (spare_a, spare_b)):
+                return True
+        return False
+
+    def _apt(self, data: bytes, arr: np.ndarray) -> int:
         """Largest first-value count over the windows completed by ``data``."""
-        buf = self._partial + data
         w = self.cutoffs.window
-        full = len(buf) // w
-        self._partial = buf[full * w :]
-        if full == 0:
-            return 0
-        windows = np.frombuffer(buf, dtype=np.uint8, count=full * w).reshape(full, w)
-        counts = np.count_nonzero(windows == windows[:, :1], axis=1)
-        return int(counts.max())
+        worst = 0
+        start = 0
+        if self._partial:
+            need = w - len(self._partial)
+            if len(data) < need:
+                self._partial += data
+                return 0
+            first = self._partial + data[:need]  # the carried window, completed
+            worst = first.count(first[0])
+            start = need
+        full = (len(data) - start) // w
+        rows = max(1, _BLOCK // w)  # windows per block
+        hits = self._scratch[0]
+        for first_row in range(0, full, rows):  # ceil(full / rows) blocks at most
+            count = min(rows, full - first_row)
+            lo = start + first_row * w
+            windows = arr[lo : lo + count * w].reshape(count, w)
+            out = hits[: count * w].reshape(count, w) if count * w <= hits.size else None
+            worst = max(worst, int(_first_value_counts(windows, out).max()))
+        self._partial = data[start + full * w :]
+        return worst
 
     def check(self, data: bytes) -> str | None:
         """Run both tests over ``data``; ``None`` if they pass, else ``"rct"``/``"apt"``."""
         if not data:
             return None
+        data = bytes(data)  # no copy for bytes
         arr = np.frombuffer(data, dtype=np.uint8)
         with self._lock:
             self.bytes_tested += len(data)
             failed: str | None = None
-            if self._rct(arr):
+            if self._rct(data, arr):
                 failed = "rct"
-            elif self._apt(data) >= self.cutoffs.apt:
+            elif self._apt(data, arr) >= self.cutoffs.apt:
                 failed = "apt"
             if failed is not None:
                 self.failures[failed] += 1

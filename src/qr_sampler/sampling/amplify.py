@@ -40,6 +40,30 @@ def normal_cdf(z: FloatArray) -> FloatArray:
     return np.array([0.5 * math.erfc(-float(v) / _SQRT2) for v in z], dtype=np.float64)
 
 
+#: bytes summed per uint16 lane: 256 * 255 = 65,280 fits, so the partial sums are exact
+_LANE_BLOCK = 256
+
+
+def row_byte_sums(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
+    """Exact sum of each row of a 2-D uint8 array.
+
+    Each run of 256 bytes is summed into a uint16 (at most 65,280, no overflow),
+    then those partial sums into a uint64: about twice as fast as widening every
+    byte to uint64, and still an exact integer sum.
+    """
+    rows, n = block.shape
+    whole = n - n % _LANE_BLOCK
+    sums: npt.NDArray[np.uint64] = (
+        block[:, :whole]
+        .reshape(rows, whole // _LANE_BLOCK, _LANE_BLOCK)
+        .sum(axis=2, dtype=np.uint16)
+        .sum(axis=1, dtype=np.uint64)
+    )
+    if whole < n:
+        sums += block[:, whole:].sum(axis=1, dtype=np.uint64)
+    return sums
+
+
 def sample_means(chunks: Sequence[bytes]) -> FloatArray:
     """Mean byte value of each chunk (exact integer sums, then one division)."""
     if not chunks:
@@ -47,8 +71,7 @@ def sample_means(chunks: Sequence[bytes]) -> FloatArray:
     n = len(chunks[0])
     if n and all(len(c) == n for c in chunks):
         block = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), n)
-        sums = block.sum(axis=1, dtype=np.uint64).astype(np.float64)
-        result: FloatArray = sums / n
+        result: FloatArray = row_byte_sums(block).astype(np.float64) / n
         return result
     out = np.empty(len(chunks), dtype=np.float64)
     for i, c in enumerate(chunks):

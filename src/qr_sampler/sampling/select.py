@@ -35,6 +35,7 @@ float rounding of a CDF boundary (tests/test_select_fast.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,6 +281,12 @@ def _fused(name: str, fn: Any, device: torch.device) -> Any:
     return compiled
 
 
+def fused_ready(name: str, device: torch.device) -> bool:
+    """Whether ``name`` runs compiled on ``device`` (enabled there and its
+    compilation has not failed)."""
+    return _COMPILE["enabled"] and device.type in _COMPILE["devices"] and name not in _FAILED
+
+
 def call_fused(name: str, fn: Any, device: torch.device, *args: Any) -> Any:
     """``fn(*args)``, through torch.compile on CUDA (see :func:`set_fused_kernels`)."""
     impl = _fused(name, fn, device)
@@ -464,6 +471,148 @@ def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
         rank[r] = (int(cum_count[r, b - 1]) if b > 0 else 0) + j
         prob[r] = ps[j]
     return Selection(token_ids=token, rank=rank, prob=prob, num_candidates=num_finite)
+
+
+#: bits of the 32-bit value key decided per pass of :func:`select_radix`
+RADIX_BITS = 4
+
+
+def radix_eligible(params: SelectionParams, vocab: int) -> torch.Tensor:
+    """Rows :func:`select_radix` answers exactly: sampled (T > 0), no top-k (off
+    or >= vocab) and no top-p; min-p is allowed."""
+    whole = (params.top_k <= 0) | (params.top_k >= vocab)
+    return whole & (params.temperature > 0) & (params.top_p >= 1.0)
+
+
+def value_keys(x: torch.Tensor) -> torch.Tensor:
+    """Order-preserving integer keys of float32 values, int64 in [0, 2**32):
+    ``a < b`` exactly when ``key(a) < key(b)``; -0.0 and +0.0 share a key (they
+    compare equal), -inf has the smallest key of any number."""
+    bits = torch.where(x == 0, torch.zeros_like(x), x).view(torch.int32).long()
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
+
+
+def _scaled(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    x = logits.float() / t.unsqueeze(1)
+    return torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
+
+
+def select_radix(
+    logits: torch.Tensor,
+    params: SelectionParams,
+    lse: torch.Tensor,
+    max_logit: torch.Tensor,
+    bits: int = RADIX_BITS,
+) -> Selection:
+    """Exact selection by rank without ordering anything, for the rows of
+    :func:`radix_eligible` (other rows get meaningless values). No host sync;
+    a fixed number of passes over the row, each a fused reduction on CUDA.
+
+    Probabilities p = exp(x - lse) (x = logits / T, float32 as in
+    :func:`select_sorted`), kept where p > 0 and p >= min_p * max p; U = u * Z
+    with Z the kept mass (float64). Rank order is value, then token id, so the
+    chosen token is the first whose inclusive cumulative mass exceeds U, and its
+    value v* is the largest v with G(v) = sum of kept p over x >= v above U.
+
+    v* is found on order-preserving 32-bit keys of x (:func:`value_keys`), a
+    bucket search over values: each pass splits the current key range into
+    ``2**bits`` buckets, sums the kept mass at or above each bucket edge (one
+    pass, ``2**bits - 1`` masked float64 sums) and keeps the bucket holding U;
+    32 / ``bits`` passes reach a single key, i.e. a single float value. Tokens
+    tied at v* (equal p) are ordered by id: with S the mass above v*, the pick
+    is the j-th of them, j = floor((U - S) / p*), located by counts per block
+    of ids (:func:`_nth_true`).
+    Rank = kept tokens above v* + j. Equal to :func:`select_sorted` except
+    when U lies within float64 rounding of a CDF boundary (tests prove it).
+    """
+    rows = logits.shape[0]
+    t = effective_temperature(params)
+    x = _scaled(logits, t)
+    key = value_keys(x)
+    lse = lse.float().unsqueeze(1)
+    p = torch.exp(x - lse).double()
+    p_max = torch.exp(max_logit.float() / t - lse.squeeze(1)).double()
+    keep_floor = (params.min_p.double() * p_max).unsqueeze(1)
+    keep = (p > 0) & (p >= keep_floor)
+    w = torch.where(keep, p, torch.zeros_like(p))
+    total = w.sum(dim=-1)
+    target = params.u.double() * total
+    # invariant: G(prefix) > target (prefix 0 holds every key: G = total)
+    prefix = torch.zeros(rows, dtype=torch.int64, device=logits.device)
+    high = 32
+    while high > 0:
+        width = min(bits, high)
+        shift = high - width
+        above = torch.zeros_like(prefix)
+        for b in range(1, 1 << width):
+            edge = (prefix + (b << shift)).unsqueeze(1)
+            mass = torch.where(key >= edge, w, torch.zeros_like(w)).sum(dim=-1)
+            above = above + (mass > target).long()
+        prefix = prefix + (above << shift)
+        high = shift
+    star = prefix.unsqueeze(1)
+    tied = keep & (key == star)
+    over = keep & (key > star)
+    mass_over = torch.where(over, w, torch.zeros_like(w)).sum(dim=-1)
+    n_over = over.sum(dim=-1)
+    n_tied = tied.sum(dim=-1)
+    p_star = torch.where(tied, w, torch.zeros_like(w)).amax(dim=-1)
+    j = torch.floor((target - mass_over) / p_star).long()
+    j = torch.minimum(j.clamp(min=0), (n_tied - 1).clamp(min=0))
+    token = _nth_true(tied, j, lambda ids: _tied_at(logits, t, lse, keep_floor, ids, star))
+    return Selection(
+        token_ids=token,
+        rank=n_over + j,
+        prob=p_star / total,
+        num_candidates=keep.sum(dim=-1),
+    )
+
+
+#: token ids per block when locating the j-th tied token (:func:`_nth_true`)
+TIE_BLOCK = 512
+
+
+def _tied_at(
+    logits: torch.Tensor,
+    t: torch.Tensor,
+    lse: torch.Tensor,
+    keep_floor: torch.Tensor,
+    ids: torch.Tensor,
+    star: torch.Tensor,
+) -> torch.Tensor:
+    """The radix search's ``tied`` mask recomputed at token ids ``ids`` [rows, n]
+    (ids >= vocab are never tied): the same float operations, so the same answer."""
+    vocab = logits.shape[1]
+    x = _scaled(logits.gather(1, ids.clamp(max=vocab - 1)), t)
+    p = torch.exp(x - lse).double()
+    keep = (p > 0) & (p >= keep_floor) & (ids < vocab)
+    return keep & (value_keys(x) == star)
+
+
+def _nth_true(
+    mask: torch.Tensor, j: torch.Tensor, mask_at: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Per row, the column of the (j+1)-th True of ``mask`` (j < its count).
+
+    Without a scan or an argmax over the whole row (both compile badly): count
+    the Trues per block of :data:`TIE_BLOCK` columns, find the block from the
+    small cumulative counts, then recompute that block's mask (``mask_at`` of
+    its column ids) and count inside it."""
+    rows, vocab = mask.shape
+    blocks = -(-vocab // TIE_BLOCK)
+    padded = torch.nn.functional.pad(mask, (0, blocks * TIE_BLOCK - vocab))
+    per_block = padded.view(rows, blocks, TIE_BLOCK).sum(dim=-1)
+    upto = torch.cumsum(per_block, dim=-1)
+    block = (upto <= j.unsqueeze(1)).sum(dim=-1)
+    before = torch.where(
+        torch.arange(blocks, device=mask.device).unsqueeze(0) < block.unsqueeze(1),
+        per_block,
+        torch.zeros_like(per_block),
+    ).sum(dim=-1)
+    ids = (block * TIE_BLOCK).unsqueeze(1) + torch.arange(TIE_BLOCK, device=mask.device)
+    inside = torch.cumsum(mask_at(ids).long(), dim=-1)
+    pos = (inside <= (j - before).unsqueeze(1)).sum(dim=-1)
+    return block * TIE_BLOCK + pos
 
 
 def select_rest(logits: torch.Tensor, params: SelectionParams) -> Selection:

@@ -11,7 +11,8 @@ Behaviour
       cache; the reply carries the request's sequence id, the wall-clock time
       (epoch ns) at which ``generate`` returned, and the device id;
     * ``ServerStreamEntropy`` sends a request's bytes in messages of at most
-      ``stream_chunk_bytes``, each generated and stamped when sent;
+      ``stream_chunk_bytes``, each generated and stamped just before it is sent
+      (while the previous message is still on its way);
     * limits: ``bytes_needed`` outside 1..``max_bytes`` → ``INVALID_ARGUMENT``;
       more than ``max_streams`` streams open → ``RESOURCE_EXHAUSTED``; both with
       a message that says what is allowed;
@@ -172,6 +173,54 @@ class _ApiKeyInterceptor(_Interceptor):
         return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, message)  # type: ignore[no-any-return]
 
 
+#: replies at least this large are sent while the next one is generated
+PIPELINE_MIN_BYTES: int = 65_536
+
+
+class _Sender:
+    """Writes a call's replies in order, large ones without waiting for each send.
+
+    :meth:`send` starts writing a large reply and returns once the previous one
+    has been sent, so the next reply's bytes are generated while this one is
+    still on its way (the transport sends outside the event loop); a small
+    reply is simply written (a task per reply would cost more than it saves).
+    :meth:`flush` waits for the reply in flight: before the call ends, and
+    before an abort, so a client always gets every reply answered before the
+    error.
+    """
+
+    __slots__ = ("_context", "_pending")
+
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self._context = context
+        self._pending: asyncio.Future[None] | None = None
+
+    async def send(self, reply: Any, size: int) -> None:
+        await self.flush()
+        if size < PIPELINE_MIN_BYTES:
+            await self._context.write(reply)
+            return
+        self._pending = asyncio.ensure_future(self._context.write(reply))
+        # one turn of the loop: the write's first step hands the message to the
+        # transport before the caller goes on to generate the next reply
+        await asyncio.sleep(0)
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    def cancel(self) -> None:
+        """Drop a write still in flight (the call is over)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if not pending.done():
+            pending.cancel()
+        elif not pending.cancelled():
+            pending.exception()  # mark a failed write's error as seen (no warning at exit)
+
+
 class EntropyServer:
     """An entropy server around ``generate`` (see the module docstring).
 
@@ -217,16 +266,34 @@ class EntropyServer:
     def _count(self, key: str, n: int = 1) -> None:
         self.counters[key] = self.counters.get(key, 0) + n
 
-    async def _checked_size(self, n: int, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        sender: _Sender | None,
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        """Abort the call, after the reply in flight (if any) has been sent."""
+        if sender is not None:
+            await sender.flush()
+        await context.abort(code, message)
+
+    async def _checked_size(
+        self, n: int, context: grpc.aio.ServicerContext[Any, Any], sender: _Sender | None = None
+    ) -> None:
         if not 1 <= n <= self.options.max_bytes:
             self._count("rejected:size")
-            await context.abort(
+            await self._abort(
+                context,
+                sender,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"bytes_needed must be between 1 and {self.options.max_bytes} "
                 f"(this server's per-request cap); got {n}",
             )
 
-    async def _bytes(self, n: int, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def _bytes(
+        self, n: int, context: grpc.aio.ServicerContext[Any, Any], sender: _Sender | None = None
+    ) -> bytes:
         """Generate ``n`` bytes now, check them, or abort the call."""
         try:
             if self._is_async:
@@ -238,12 +305,16 @@ class EntropyServer:
         except Exception as exc:
             self._count("failed:device")
             logger.error("generate(%d) failed: %r", n, exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"entropy device error: {exc}")
+            await self._abort(
+                context, sender, grpc.StatusCode.UNAVAILABLE, f"entropy device error: {exc}"
+            )
             raise  # unreachable: abort raises
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != n:
             size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else "no"
             self._count("failed:device")
-            await context.abort(
+            await self._abort(
+                context,
+                sender,
                 grpc.StatusCode.INTERNAL,
                 f"entropy device returned {size} bytes for a request of {n}",
             )
@@ -256,8 +327,11 @@ class EntropyServer:
                 await self._publish()
                 message = self.monitor.message(failed)
                 logger.error("generated bytes failed a health test, not served: %s", message)
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE, f"entropy device unhealthy: {message}"
+                await self._abort(
+                    context,
+                    sender,
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"entropy device unhealthy: {message}",
                 )
             elif not self._tests_ok:
                 self._tests_ok = True
@@ -265,8 +339,14 @@ class EntropyServer:
         self._count("bytes", n)
         return data
 
-    async def _response(self, n: int, seq: int, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        data = await self._bytes(n, context)
+    async def _response(
+        self,
+        n: int,
+        seq: int,
+        context: grpc.aio.ServicerContext[Any, Any],
+        sender: _Sender | None = None,
+    ) -> Any:
+        data = await self._bytes(n, context, sender)
         return entropy_pb2.EntropyResponse(
             data=data,
             sequence_id=seq,
@@ -291,29 +371,40 @@ class EntropyServer:
 
     async def StreamEntropy(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+    ) -> None:
         await self._enter_stream(context)
+        sender = _Sender(context)
         try:
             async for request in request_iterator:
                 self._count("requests")
-                await self._checked_size(request.bytes_needed, context)
-                yield await self._response(request.bytes_needed, request.sequence_id, context)
+                await self._checked_size(request.bytes_needed, context, sender)
+                reply = await self._response(
+                    request.bytes_needed, request.sequence_id, context, sender
+                )
+                # a large reply is still being sent while the next request is answered
+                await sender.send(reply, request.bytes_needed)
+            await sender.flush()
         finally:
+            sender.cancel()
             self._active_streams -= 1
 
     async def ServerStreamEntropy(
         self, request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+    ) -> None:
         await self._enter_stream(context)
+        sender = _Sender(context)
         try:
             self._count("requests")
             await self._checked_size(request.bytes_needed, context)
             left = request.bytes_needed
             while left > 0:
                 n = min(left, self.options.stream_chunk_bytes)
-                yield await self._response(n, request.sequence_id, context)
+                # generated and stamped while the previous message is still being sent
+                await sender.send(await self._response(n, request.sequence_id, context, sender), n)
                 left -= n
+            await sender.flush()
         finally:
+            sender.cancel()
             self._active_streams -= 1
 
     # -- health -------------------------------------------------------------
