@@ -24,6 +24,7 @@ import torch
 
 from benchmarks.common import PoolSource, interleaved_ms, machine, verdict
 from qr_sampler.config import UNIFORM_BYTE_MEAN, UNIFORM_BYTE_STD, SamplingConfig, load_settings
+from qr_sampler.hostmem import tune_host_allocator
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
 from qr_sampler.sampling.select import set_fused_kernels
@@ -80,12 +81,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=60.0)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--compile-cpu", action="store_true", help="torch.compile the device step")
+    ap.add_argument(
+        "--no-malloc-tuning",
+        action="store_true",
+        help="keep glibc's default malloc thresholds (the vLLM adapter raises them)",
+    )
     args = ap.parse_args(argv)
+    tuned = False if args.no_malloc_tuning else tune_host_allocator()
     if args.compile_cpu:
         set_fused_kernels(True, devices=("cuda", "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}; torch.compile on the CPU: {args.compile_cpu}")
+    print(
+        f"machine: {machine()}; torch.compile on the CPU: {args.compile_cpu}; "
+        f"malloc thresholds raised as in the vLLM worker: {tuned}"
+    )
     gen = torch.Generator().manual_seed(7)
     pristine = torch.randn(args.batch, VOCAB, generator=gen) * 3
     work = torch.empty_like(pristine)

@@ -23,6 +23,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
     LogitsProcRequestState,
 )
 
+from qr_sampler import hostmem
 from qr_sampler.records import TokenRecord
 from qr_sampler.vllm import adapter as adapter_mod
 from qr_sampler.vllm.adapter import QRSamplerLogitsProcessor
@@ -367,11 +368,11 @@ def test_unsupported_versions_and_modes_are_refused() -> None:
 def test_host_allocator_tuning_runs_once_and_can_be_turned_off(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(adapter_mod, "_allocator_checked", False)
-    monkeypatch.setenv(adapter_mod.MALLOC_TUNING_ENV, "0")
-    assert adapter_mod._tune_host_allocator() is False
-    assert adapter_mod._allocator_checked
-    monkeypatch.setattr(adapter_mod, "_allocator_checked", False)
-    monkeypatch.delenv(adapter_mod.MALLOC_TUNING_ENV)
-    adapter_mod._tune_host_allocator()  # glibc here: thresholds raised (True), else False
-    assert adapter_mod._tune_host_allocator() is False  # once per process
+    monkeypatch.setitem(hostmem._state, "checked", False)
+    monkeypatch.setenv(hostmem.MALLOC_TUNING_ENV, "0")
+    assert hostmem.tune_host_allocator() is False
+    assert hostmem._state["checked"]
+    monkeypatch.setitem(hostmem._state, "checked", False)
+    monkeypatch.delenv(hostmem.MALLOC_TUNING_ENV)
+    hostmem.tune_host_allocator()  # glibc here: thresholds raised (True), else False
+    assert hostmem.tune_host_allocator() is False  # once per process

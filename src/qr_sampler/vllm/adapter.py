@@ -57,6 +57,7 @@ from qr_sampler.config import (
     parse_request_options,
 )
 from qr_sampler.errors import ConfigError
+from qr_sampler.hostmem import tune_host_allocator
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.sampling.select import force_tokens
 from qr_sampler.vllm.compat import check_vllm_config, check_vllm_version
@@ -68,8 +69,6 @@ logger = logging.getLogger("qr_sampler")
 
 #: directory where each TP rank appends the ids it forced per step (tests only)
 RANK_TRACE_ENV = "QRSAMPLER_RANK_TRACE_DIR"
-#: "0" keeps glibc's default malloc thresholds in a CPU worker (see _tune_host_allocator)
-MALLOC_TUNING_ENV = "QRSAMPLER_MALLOC_TUNING"
 
 _request_counter = itertools.count(1)
 
@@ -245,8 +244,8 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
                 indices.append(i)
                 states.append(state)
         chosen: list[int] = []
-        if not _allocator_checked and logits.device.type == "cpu":
-            _tune_host_allocator()
+        if logits.device.type == "cpu":
+            tune_host_allocator()
         if self.draws_entropy and states:
             chosen = self._sample(logits, indices, states, started)
         if self.tp.size > 1:
@@ -310,51 +309,6 @@ class QRSamplerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):  # type: i
         if self._trace is not None and r_indices:
             self._trace.write(list(r_indices), list(r_chosen))
         return list(r_chosen)
-
-
-_allocator_checked = False
-_M_TRIM_THRESHOLD = -1  # mallopt parameter numbers of glibc's malloc.h
-_M_MMAP_THRESHOLD = -3
-
-
-def _tune_host_allocator() -> bool:
-    """Keep a CPU worker's per-step temporaries in the heap; True if changed.
-
-    vLLM's CPU worker runs on glibc malloc unless tcmalloc is preloaded. glibc
-    maps large blocks on their own and trims the heap's free top back to the
-    kernel, so every step's multi-megabyte tensors (rows x vocabulary) are
-    page-faulted in again: measured ~16,000 minor faults and 15-20 ms of a
-    60 ms step at batch 8, vocabulary 151,936. Fixed thresholds (blocks up to
-    64 MiB from the heap, up to 256 MiB of free top kept) let the next step
-    reuse the same pages. Once per process; skipped with tcmalloc/jemalloc,
-    off glibc, or with QRSAMPLER_MALLOC_TUNING=0.
-    """
-    global _allocator_checked
-    if _allocator_checked:
-        return False
-    _allocator_checked = True
-    if os.environ.get(MALLOC_TUNING_ENV, "1") == "0" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-        import platform
-
-        if platform.libc_ver()[0] != "glibc":
-            return False
-        maps = Path("/proc/self/maps").read_text(errors="replace")
-        if "tcmalloc" in maps or "jemalloc" in maps or "mimalloc" in maps:
-            return False
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-        mallopt.restype = ctypes.c_int
-        ok = mallopt(_M_MMAP_THRESHOLD, 64 << 20) or mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-        ok = bool(ok) and bool(mallopt(_M_TRIM_THRESHOLD, 256 << 20))
-    except Exception as exc:  # no libc symbol, unreadable maps: leave malloc alone
-        logger.debug("malloc thresholds unchanged: %s", exc)
-        return False
-    if ok:
-        logger.info("qr-sampler: glibc malloc thresholds raised for the CPU sampling step")
-    return ok
 
 
 def _eos_token_id(vllm_config: Any) -> int | None:
