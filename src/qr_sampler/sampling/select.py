@@ -214,12 +214,25 @@ def _row_stats_eager(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     x = logits.float()
     m = x.amax(dim=-1, keepdim=True)
-    # shifted logits; -inf becomes the most negative float so that exp(d) * d = 0
-    d = (x - m).clamp_(min=torch.finfo(torch.float32).min)
+    d = x - m
+    # eager on the CPU a host-side check is free: a batch without -inf (the
+    # usual case) skips the clamp and the finite count (a bool sum, the slowest
+    # pass there); compiled or on a GPU both always run (fused, no sync)
+    all_finite = (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(torch.isfinite(x.amin()))
+    )
+    if not all_finite:
+        # -inf becomes the most negative float so that exp(d) * d = 0
+        d = d.clamp_(min=torch.finfo(torch.float32).min)
     e = torch.exp(d)
     s = e.sum(dim=-1)
     entropy = torch.log(s) - torch.linalg.vecdot(e, d) / s
-    num_finite = (x > float("-inf")).sum(dim=-1)
+    if all_finite:
+        num_finite = torch.full_like(s, x.shape[-1], dtype=torch.int64)
+    else:
+        num_finite = (x > float("-inf")).sum(dim=-1)
     lse = None
     if t is not None:
         tt = t.float()
