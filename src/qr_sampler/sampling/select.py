@@ -446,18 +446,19 @@ def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
     Meant for the few rows the head leaves (one pass over each row, one small
     sort per row; host syncs per row on accelerators, so used on the CPU).
     """
-    rows = logits.shape[0]
+    rows, vocab = logits.shape
     t = effective_temperature(params)
-    x = torch.nan_to_num(logits.float() / t.unsqueeze(1), nan=float("-inf"), neginf=float("-inf"))
+    x = _scaled(logits, t)
     m = x.amax(dim=-1, keepdim=True)
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     p = torch.exp(x - lse).double()
     top = TAIL_BUCKETS - 1
-    bucket = ((m - x) * TAIL_BUCKETS_PER_NAT).nan_to_num(nan=top, posinf=top).clamp(0, top).long()
+    bucket = ((m - x) * TAIL_BUCKETS_PER_NAT).nan_to_num_(nan=top, posinf=top).clamp_(0, top).long()
     mass = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.float64, device=x.device)
     mass.scatter_add_(1, bucket, p)
     count = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.int64, device=x.device)
-    count.scatter_add_(1, bucket, torch.ones_like(bucket))
+    one = torch.ones(1, 1, dtype=torch.int64, device=x.device)
+    count.scatter_add_(1, bucket, one.expand(rows, vocab))
     cum_mass = mass.cumsum(dim=1)
     cum_count = count.cumsum(dim=1)
     u = params.u.double()
@@ -465,7 +466,10 @@ def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
     # u at or past the total mass (rounding): the last bucket that holds mass
     last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=x.device), 0).amax(dim=1)
     crossing = torch.minimum(crossing, last)
-    num_finite = torch.isfinite(x).sum(dim=-1)
+    if bool(x.amin() > float("-inf")):  # the usual case; a bool count is the slowest pass
+        num_finite = torch.full_like(crossing, vocab)
+    else:
+        num_finite = torch.isfinite(x).sum(dim=-1)
     token = torch.empty(rows, dtype=torch.int64, device=x.device)
     rank = torch.empty(rows, dtype=torch.int64, device=x.device)
     prob = torch.empty(rows, dtype=torch.float64, device=x.device)
