@@ -350,14 +350,18 @@ from support_sampling import make_params
 from test_select_fast import _logits, _untruncated_rows, KINDS
 from qr_sampler.sampling.select import effective_temperature, row_stats, select_radix
 from qr_sampler.sampling.radix_kernel import select_radix_kernel
+dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
 out = {"rows": 0, "same": 0, "tied_past_first": 0}
 for kind in ("ties", "bf16", "inf", "peaked"):
     logits = torch.from_numpy(_logits(rng, kind, 6, 700))
-    params = make_params(_untruncated_rows(rng, 6))
+    rows6 = _untruncated_rows(rng, 6)
+    params = make_params(rows6)
     stats = row_stats(logits, effective_temperature(params))
     want = select_radix(logits, params, stats.lse, stats.max_logit)
-    got = select_radix_kernel(logits, params, stats.lse, stats.max_logit)
+    on = make_params(rows6, device=dev)
+    st = row_stats(logits.to(dev), effective_temperature(on))
+    got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
     for i in range(6):
         out["rows"] += 1
         out["same"] += int(
@@ -384,11 +388,15 @@ blocks = {}
 for mode in ("kernel", "torch"):
     pipe = SamplingPipeline(settings, source=MockUniformSource(seed=1), sink=RecordSink(None))
     pipe.radix = mode
-    tokens, host = pipe.choose(logits.clone(), None, rows, u)
+    tokens, host = pipe.choose(logits.clone().to(dev if mode == "kernel" else "cpu"), None, rows, u)
     blocks[mode] = (tokens.tolist(), host.tolist())
 (tk, hk), (tt, ht) = blocks["kernel"], blocks["torch"]
+# token, rank, candidates, resolved exactly; probability, temperature and
+# entropy to float rounding (on a GPU the statistics come from other kernels)
 out["pipeline_same"] = tk == tt and all(
-    a[:2] == b[:2] and a[3:] == b[3:] and abs(a[2] - b[2]) <= 1e-6 * b[2]
+    a[:2] == b[:2]
+    and a[3:5] == b[3:5]
+    and all(abs(a[c] - b[c]) <= 1e-5 * abs(b[c]) + 1e-7 for c in (2, 5, 6))
     for a, b in zip(hk, ht)
 )
 print(json.dumps(out))
@@ -396,13 +404,16 @@ print(json.dumps(out))
 
 
 def test_radix_kernel_equals_torch_search() -> None:
-    """The Triton kernel (run by Triton's CPU interpreter, in a child process:
-    no GPU here) gives the torch radix search's answers, ties included, alone
-    and inside the pipeline (result block written in place). The
-    GPU build of the same kernel was compared with the full sort on an H200
-    (benchmarks/probe_radix.py)."""
+    """The Triton kernel (in a child process: compiled where a GPU exists, else
+    run by Triton's CPU interpreter, as in CI) gives the torch radix search's
+    answers, ties included, alone and inside the pipeline (result block
+    written in place). On an H200 the compiled kernel was also compared with
+    the full sort at vocabulary 151,936 (benchmarks/probe_radix.py)."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(["src", "tests"]))
+    path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, "-c", RADIX_KERNEL_SCRIPT],
         env=env,
