@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,7 +25,7 @@ from qr_sampler.entropy.base import EntropyChunk, EntropySource
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.errors import EntropyUnavailableError
 from qr_sampler.pipeline import RowState, SamplingPipeline
-from qr_sampler.records import RECORD_FIELDS, TokenRecord, read_records
+from qr_sampler.records import RECORD_FIELDS, RecordSink, TokenRecord, read_records
 
 
 def _settings(**env: Any) -> QRSettings:
@@ -333,3 +334,47 @@ def test_records_are_built_lazily_and_every_reader_sees_the_same_objects(tmp_pat
     quiet.close()
     pipe.close()
     assert read_records(tmp_path / "quiet.jsonl")[:2] == [r.to_dict() for r in first_step]
+
+
+class _SlowSource(EntropySource):
+    """A local source whose fetch takes 0.3 s and notes when it ran."""
+
+    name = "slow_test"
+
+    def __init__(self) -> None:
+        self.inner = MockUniformSource(seed=5)
+        self.spans: list[tuple[float, float]] = []
+
+    def fetch(self, sizes: Sequence[int]) -> list[EntropyChunk]:
+        start = time.monotonic()
+        time.sleep(0.3)
+        out = self.inner.fetch(sizes)
+        self.spans.append((start, time.monotonic()))
+        return out
+
+
+def test_the_fetch_overlaps_the_u_independent_device_work() -> None:
+    """The step starts the entropy fetch first and queues the statistics and
+    the head while it is in flight (prepare runs inside the fetch's span);
+    the selection, which needs u, waits for it. The answers are those of the
+    sequential path (choose with the same u)."""
+    source = _SlowSource()
+    pipe = SamplingPipeline(_settings(), source=source, sink=RecordSink(None))
+    prepared_at: list[float] = []
+    real_prepare = pipe.prepare
+
+    def prepare(*args: Any) -> Any:
+        prepared_at.append(time.monotonic())
+        return real_prepare(*args)
+
+    pipe.prepare = prepare  # type: ignore[method-assign]
+    rng = np.random.default_rng(4)
+    logits = torch.from_numpy(grid_logits(rng, 6, 3000, spread=6.0))
+    rows = [RowState.of(SamplingConfig(top_k=k)) for k in (0, 0, 50, 0, 7, 0)]
+    result = pipe.sample(logits.clone(), rows)
+    ((start, end),) = source.spans
+    assert len(prepared_at) == 1 and start <= prepared_at[0] < end
+    u = np.array([r.u for r in result.records])
+    tokens, _ = pipe.choose(logits.clone(), None, rows, u)
+    assert result.token_ids == tokens.tolist()
+    pipe.close()

@@ -4,7 +4,9 @@ and provenance records out. Engine-agnostic; the vLLM adapter is a thin edge.
 One step, for the rows qr-sampler controls (bypassed rows are never touched):
 
 1. note the time: the logits exist now (``step_started_ns``);
-2. fetch entropy just in time — one batched call for every row's bytes;
+2. fetch entropy just in time — one batched call for every row's bytes, on a
+   helper thread, while the device already computes what needs no u
+   (statistics, temperatures, the chunked head: :meth:`SamplingPipeline.prepare`);
 3. amplify each row's bytes into z and u (:mod:`qr_sampler.sampling.amplify`);
 4. send u and the per-row settings to the logits' device in one copy;
 5. temperature per row — fixed or EDT (:mod:`qr_sampler.sampling.temperature`);
@@ -25,8 +27,10 @@ fallback configured the source wrapper serves labelled fallback bytes; in
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,14 +48,15 @@ from qr_sampler.sampling.select import (
     Selection,
     SelectionParams,
     call_fused,
-    effective_temperature,
+    chunked_head,
     force_tokens,
     log_normalizer,
     radix_eligible,
     row_stats,
-    select_chunked,
+    select_in_head,
     select_radix,
     select_rest,
+    select_sorted,
     set_fused_kernels,
 )
 from qr_sampler.sampling.temperature import temperatures
@@ -126,6 +131,20 @@ class StepResult:
         return batch.records() if isinstance(batch, RecordBatch) else batch
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What :meth:`SamplingPipeline.prepare` queued on the device for one step."""
+
+    sub: torch.Tensor  # the controlled rows' logits
+    dev: torch.Tensor  # their settings on the device (u filled in by finish)
+    mode: str  # radix mode
+    radix: np.ndarray  # rows the radix search serves
+    use_radix: bool
+    use_head: bool
+    small: bool  # vocabulary too small for a head: full sort
+    stage: tuple[torch.Tensor, ...]  # _device_prepare's outputs
+
+
 class SamplingPipeline:
     """Turns a logits batch into forced tokens with provenance records."""
 
@@ -158,6 +177,8 @@ class SamplingPipeline:
         self.listeners = list(listeners)
         self.config_hash = settings.config_hash()
         self.step = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         if settings.fused_kernels == "off":
             set_fused_kernels(False)
         elif settings.fused_kernels == "on":
@@ -204,10 +225,18 @@ class SamplingPipeline:
         settings go over without one (pinned, non-blocking). Rows the chunked
         head cannot resolve cost a second, small sync and the tail histogram or
         a full sort of those rows; with the radix search on (``self.radix``),
-        rows without top-k/top-p never do.
+        rows without top-k/top-p never do. Same as :meth:`prepare` then
+        :meth:`finish`.
         """
+        return self.finish(self.prepare(logits, row_index, rows), u)
+
+    def prepare(
+        self, logits: torch.Tensor, row_index: torch.Tensor | None, rows: Sequence[RowState]
+    ) -> _Prepared:
+        """The u-independent part of :meth:`choose`, queued on the logits'
+        device without a sync: row statistics, temperatures, the normaliser and
+        the chunked head. :meth:`sample` runs it while the entropy is fetched."""
         block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
-        block[:, _U] = u
         dev = _to_device(block, logits.device)
         sub = logits if row_index is None else logits.index_select(0, row_index)
         fixed_t = None
@@ -217,22 +246,45 @@ class SamplingPipeline:
         mode = self._radix_mode()
         radix = _radix_rows(block, sub.shape[-1]) if mode != "off" else np.zeros(len(rows), bool)
         use_radix, use_head = bool(radix.any()), not bool(radix.all())
-        token_ids, out, t, lse, max_logit = call_fused(
-            "pipeline_step",
-            _device_step,
+        head_size = _head_for(block, self.head_size)
+        chunk = self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK)
+        vocab = sub.shape[-1]
+        n_full = vocab // chunk
+        small = n_full == 0 or n_full + (1 if vocab % chunk else 0) <= head_size
+        stage = call_fused(
+            "pipeline_prepare",
+            _device_prepare,
             logits.device,
             sub,
             dev,
             fixed_t,
-            _head_for(block, self.head_size),
-            self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK),
-            use_radix and mode == "torch",
-            use_head,
+            head_size,
+            chunk,
+            use_head and not small,
         )
-        if use_radix and mode == "kernel":
+        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
+
+    def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """The u-dependent part of :meth:`choose`: selection, the result block
+        to the host (the step's sync) and the rare exact fallback."""
+        sub, dev = prep.sub, prep.dev
+        dev[:, _U] = _to_device(np.asarray(u, dtype=np.float64), sub.device)
+        token_ids, out = call_fused(
+            "pipeline_finish",
+            _device_finish,
+            sub.device,
+            sub,
+            dev,
+            *prep.stage,
+            prep.use_head,
+            prep.use_radix and prep.mode == "torch",
+            prep.small,
+        )
+        t, lse, max_logit = prep.stage[0], prep.stage[2], prep.stage[3]
+        if prep.use_radix and prep.mode == "kernel":
             from qr_sampler.sampling.radix_kernel import radix_into
 
-            which = _to_device(np.flatnonzero(radix).astype(np.int64), logits.device)
+            which = _to_device(np.flatnonzero(prep.radix).astype(np.int64), sub.device)
             try:
                 radix_into(sub, which, t, lse, max_logit, dev, _U, _MINP, token_ids, out)
             except Exception as exc:  # e.g. the kernel fails to compile on this GPU
@@ -243,7 +295,7 @@ class SamplingPipeline:
         if pending.size:
             params = _selection_params(dev, t)
             entropy = out[:, _ENT].float()
-            idx = _to_device(pending, logits.device)
+            idx = _to_device(pending, sub.device)
             rest = select_rest(
                 sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),
@@ -299,13 +351,19 @@ class SamplingPipeline:
         index_list = list(range(logits.shape[0])) if row_indices is None else list(row_indices)
         if not rows:
             return StepResult([], [], [])
-        draw = self.draw(rows)
-        row_index = (
-            None
-            if row_indices is None
-            else _to_device(np.array(index_list, dtype=np.int64), logits.device)
-        )
-        token_ids, host = self.choose(logits, row_index, rows, draw.u)
+        # the fetch starts now (the logits exist) and runs while the device
+        # queues the u-independent work; u is needed only by finish()
+        fetching = self._fetcher().submit(self.draw, rows)
+        try:
+            row_index = (
+                None
+                if row_indices is None
+                else _to_device(np.array(index_list, dtype=np.int64), logits.device)
+            )
+            prep = self.prepare(logits, row_index, rows)
+        finally:
+            draw = fetching.result()  # never two fetches at once, even after an error
+        token_ids, host = self.finish(prep, draw.u)
         if draw.failed.any() and self.eos_token_id is not None:
             eos = torch.from_numpy(draw.failed).to(logits.device)
             token_ids = torch.where(eos, torch.full_like(token_ids, self.eos_token_id), token_ids)
@@ -396,7 +454,18 @@ class SamplingPipeline:
             )
         return out
 
+    def _fetcher(self) -> ThreadPoolExecutor:
+        """The thread that fetches each step's entropy (one, so fetches never
+        overlap; made anew in a forked child, where threads do not survive)."""
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qr-sampler-fetch")
+            self._pool_pid = os.getpid()
+        return self._pool
+
     def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=True)
+        self._pool = None
         self.sink.close()
         self.source.close()
 
@@ -438,24 +507,18 @@ def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
     )
 
 
-def _device_step(
+def _device_prepare(
     sub: torch.Tensor,
     dev: torch.Tensor,
     fixed_t: torch.Tensor | None,
     head_size: int,
-    chunk: int = DEFAULT_CHUNK,
-    use_radix: bool = False,
-    use_head: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stages 5-6 on the logits' device, host-sync free (compiled whole on CUDA):
-    token ids, the result block (float64, columns _TOK.._ENT), the temperatures,
-    logsumexp(logits / T) and the row maxima.
-
-    ``use_radix``: rows without top-k/top-p take the exact radix search in torch
-    ops (:func:`select_radix`, resolved by construction); ``use_head``: the other
-    rows take the chunked head. Both flags come from the host's settings. With
-    neither, the selection columns are left 0 (unresolved) for the radix kernel
-    to fill."""
+    chunk: int,
+    use_head: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Stage 5 and the u-independent half of stage 6, host-sync free (compiled
+    on CUDA): temperatures, entropy, logsumexp(logits / T), row maxima, finite
+    counts and, with ``use_head``, the chunked head (values, ids, exact length;
+    empty otherwise)."""
     stats = row_stats(sub, fixed_t, fused=False)
     t, entropy = temperatures(
         sub,
@@ -467,31 +530,66 @@ def _device_step(
         t_max=dev[:, _TMAX].float(),
         entropy=stats.entropy,
     )
-    params = _selection_params(dev, t)
+    t_eff = torch.where(t <= 0, torch.ones_like(t), t).float()
     lse = stats.lse
     if lse is None:
-        lse = log_normalizer(sub, stats.max_logit, effective_temperature(params), fused=False)
-    zero = torch.zeros_like(stats.num_finite)
+        lse = log_normalizer(sub, stats.max_logit, t_eff, fused=False)
+    if use_head:
+        vals, idx, exact = chunked_head(sub, t_eff, head_size, chunk)
+    else:
+        vals = sub.new_zeros(sub.shape[0], 0, dtype=torch.float32)
+        idx = exact = torch.zeros(sub.shape[0], 0, dtype=torch.int64, device=sub.device)
+    return t, entropy, lse, stats.max_logit, stats.num_finite, vals, idx, exact
+
+
+def _device_finish(
+    sub: torch.Tensor,
+    dev: torch.Tensor,
+    t: torch.Tensor,
+    entropy: torch.Tensor,
+    lse: torch.Tensor,
+    max_logit: torch.Tensor,
+    num_finite: torch.Tensor,
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    exact: torch.Tensor,
+    use_head: bool,
+    use_radix: bool,
+    small: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The u-dependent half of stage 6 (compiled on CUDA): token ids and the
+    result block (float64, columns _TOK.._ENT).
+
+    ``use_head``: rows with top-k/top-p (all rows unless the radix search is
+    on) select inside the chunked head (``small``: the vocabulary is too small
+    for a head; the full sort instead); ``use_radix``: rows without top-k/top-p
+    take the exact radix search in torch ops (:func:`select_radix`). With
+    neither, the selection columns are left 0 (unresolved) for the radix
+    kernel to fill."""
+    params = _selection_params(dev, t)
+    zero = torch.zeros_like(num_finite)
     sel = Selection(zero, zero, zero.double(), zero)
     resolved = torch.zeros_like(zero, dtype=torch.bool)
     if use_head:
-        sel, resolved = select_chunked(sub, params, lse, stats.num_finite, head_size, chunk)
+        if small:
+            sel, resolved = select_sorted(sub, params), torch.ones_like(resolved)
+        else:
+            sel, resolved = select_in_head(vals, idx, exact, params, lse, num_finite, sub.shape[-1])
     if use_radix:
-        exact = select_radix(sub, params, lse, stats.max_logit)
+        found = select_radix(sub, params, lse, max_logit)
         if use_head:
             take = radix_eligible(params, sub.shape[-1])
             sel = Selection(
                 *(
-                    torch.where(take, getattr(exact, f), getattr(sel, f))
+                    torch.where(take, getattr(found, f), getattr(sel, f))
                     for f in ("token_ids", "rank", "prob", "num_candidates")
                 )
             )
             resolved = resolved | take
         else:
-            sel, resolved = exact, torch.ones_like(exact.rank, dtype=torch.bool)
+            sel, resolved = found, torch.ones_like(resolved)
     cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
-    block = torch.stack([c.double() for c in cols], dim=1)
-    return sel.token_ids, block, t, lse, stats.max_logit
+    return sel.token_ids, torch.stack([c.double() for c in cols], dim=1)
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

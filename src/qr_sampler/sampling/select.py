@@ -405,9 +405,24 @@ def select_chunked(
     if n_full == 0 or n_chunks <= head_size:
         sel = select_sorted(logits, params)
         return sel, torch.ones(rows, dtype=torch.bool, device=logits.device)
+    vals, idx, exact = chunked_head(logits, effective_temperature(params), head_size, chunk)
+    return select_in_head(vals, idx, exact, params, lse_full, num_finite, vocab)
+
+
+def select_in_head(
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    exact: torch.Tensor,
+    params: SelectionParams,
+    lse_full: torch.Tensor,
+    num_finite: torch.Tensor,
+    vocab: int,
+) -> tuple[Selection, torch.Tensor]:
+    """The u-dependent half of :func:`select_chunked`: selection inside a head
+    from :func:`chunked_head` (which needs no u, so it can run while the
+    entropy is fetched). Returns the selection and the resolved mask."""
     greedy = params.temperature <= 0
     top_k = torch.where(greedy, torch.ones_like(params.top_k), params.top_k)
-    vals, idx, exact = chunked_head(logits, effective_temperature(params), head_size, chunk)
     sel, resolved = _select_window(
         vals, idx, lse_full, num_finite, vocab, top_k, params, exact=exact
     )
