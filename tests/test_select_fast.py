@@ -472,3 +472,55 @@ def test_pipeline_radix_mode_equals_full_sort(strategy: str) -> None:
     assert checked >= 36
     assert (host[:, 4] == 1).all()  # every row resolved in the one pass
     pipe.close()
+
+
+def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager on the CPU, untruncated rows whose head cannot hold HEAD_WORTH of
+    the mass (flat distributions) get no head and go to the tail histogram;
+    rows with top-k/top-p or a peaked distribution keep it. Every answer
+    still equals the full sort."""
+    import qr_sampler.pipeline as pipeline_mod
+
+    seen: list[int] = []
+    real_head = pipeline_mod.chunked_head
+
+    def spy(logits: torch.Tensor, *args: object) -> object:
+        seen.append(logits.shape[0])
+        return real_head(logits, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pipeline_mod, "chunked_head", spy)
+    rng = np.random.default_rng(61)
+    vocab = 20_000
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    pipe = SamplingPipeline(
+        settings, source=MockUniformSource(seed=3), sink=RecordSink(None), head_size=16
+    )
+    configs = [SamplingConfig(), SamplingConfig(top_k=50, top_p=0.9), SamplingConfig()]
+    rows = [RowState.of(configs[i % 3]) for i in range(24)]
+    logits = _logits(rng, "flat", 24, vocab)
+    logits[16:] = _logits(rng, "peaked", 8, vocab)
+    u = rng.uniform(1e-10, 1 - 1e-10, 24)
+    token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
+    plain_flat = sum(1 for i in range(16) if i % 3 != 1)
+    assert seen == [24 - plain_flat], seen  # only the rows that can use it
+    temps = torch.from_numpy(host[:, 5]).float()
+    params = SelectionParams(
+        temperature=temps,
+        top_k=torch.tensor([r.config.top_k for r in rows]),
+        top_p=torch.tensor([r.config.top_p for r in rows], dtype=torch.float64),
+        min_p=torch.tensor([r.config.min_p for r in rows], dtype=torch.float64),
+        u=torch.from_numpy(u),
+    )
+    ref_sorted = select_sorted(torch.from_numpy(logits), params)
+    got = Selection(
+        token_ids=token_ids,
+        rank=torch.from_numpy(host[:, 1]).long(),
+        prob=torch.from_numpy(host[:, 2]),
+        num_candidates=torch.from_numpy(host[:, 3]).long(),
+    )
+    checked = 0
+    for i, r in enumerate(rows):
+        row = RowSettings(float(temps[i]), r.config.top_k, r.config.top_p, r.config.min_p, u[i])
+        checked += _check(got, i, logits, row, ref_sorted)
+    assert checked >= 20, checked
+    pipe.close()

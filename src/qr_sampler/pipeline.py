@@ -50,6 +50,7 @@ from qr_sampler.sampling.select import (
     call_fused,
     chunked_head,
     force_tokens,
+    fused_ready,
     log_normalizer,
     radix_eligible,
     row_stats,
@@ -251,6 +252,11 @@ class SamplingPipeline:
         vocab = sub.shape[-1]
         n_full = vocab // chunk
         small = n_full == 0 or n_full + (1 if vocab % chunk else 0) <= head_size
+        head_now = use_head and not small
+        # eager on the CPU the host may look at the statistics for free: the head
+        # is built only for rows it can plausibly resolve (see _head_where_useful)
+        pick_rows = head_now and not fused_ready("pipeline_prepare", logits.device)
+        pick_rows = pick_rows and logits.device.type == "cpu"
         stage = call_fused(
             "pipeline_prepare",
             _device_prepare,
@@ -260,8 +266,10 @@ class SamplingPipeline:
             fixed_t,
             head_size,
             chunk,
-            use_head and not small,
+            head_now and not pick_rows,
         )
+        if pick_rows:
+            stage = _head_where_useful(sub, block, stage, head_size, chunk)
         return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -495,6 +503,55 @@ def _radix_rows(block: np.ndarray, vocab: int) -> np.ndarray:
     no_k = (block[:, _TOPK] <= 0) | (block[:, _TOPK] >= vocab)
     result: np.ndarray = sampled & no_k & (block[:, _TOPP] >= 1.0)
     return result
+
+
+#: a row skips the chunked head (eager CPU) when the head's mass cannot exceed this
+HEAD_WORTH = 0.45
+
+
+def _head_where_useful(
+    sub: torch.Tensor,
+    block: np.ndarray,
+    stage: tuple[torch.Tensor, ...],
+    head_size: int,
+    chunk: int,
+) -> tuple[torch.Tensor, ...]:
+    """The chunked head for the rows where it can pay off; the others get an
+    empty head (exact length 0: unresolved, the exact fallback answers them).
+
+    A row without top-k, top-p or min-p whose head (``head_size * chunk``
+    tokens, each at most as likely as the top one) holds under
+    :data:`HEAD_WORTH` of the mass is resolved there for less than that share
+    of u, while the head costs about half a tail lookup: such rows (flat
+    distributions) go straight to the tail histogram. Only a routing decision:
+    every answer stays exact."""
+    t, lse, max_logit = stage[0], stage[2], stage[3]
+    t_eff = torch.where(t <= 0, torch.ones_like(t), t)
+    bound = (head_size * chunk) * torch.exp(max_logit / t_eff - lse).double()
+    plain = (
+        ((block[:, _EDT] > 0) | (block[:, _FIXED] > 0))
+        & ((block[:, _TOPK] <= 0) | (block[:, _TOPK] >= sub.shape[-1]))
+        & (block[:, _TOPP] >= 1.0)
+        & (block[:, _MINP] <= 0)
+    )
+    need = ~plain | ~(bound.cpu().numpy() < HEAD_WORTH)
+    rows = sub.shape[0]
+    if need.all():
+        vals, idx, exact = chunked_head(sub, t_eff, head_size, chunk)
+        return (*stage[:5], vals, idx, exact)
+    width = min(head_size * chunk, 2 * head_size)
+    vals = torch.full((rows, width), float("-inf"), dtype=torch.float32, device=sub.device)
+    idx = torch.zeros(rows, width, dtype=torch.int64, device=sub.device)
+    exact = torch.zeros(rows, dtype=torch.int64, device=sub.device)
+    if need.any():
+        which = torch.from_numpy(np.flatnonzero(need)).to(sub.device)
+        v, i, e = chunked_head(
+            sub.index_select(0, which), t_eff.index_select(0, which), head_size, chunk
+        )
+        vals.index_copy_(0, which, v)
+        idx.index_copy_(0, which, i)
+        exact.index_copy_(0, which, e)
+    return (*stage[:5], vals, idx, exact)
 
 
 def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
