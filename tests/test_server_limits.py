@@ -161,7 +161,7 @@ def test_ten_thousand_streams_are_capped_and_others_still_served(server: ServerP
     before = _peak(server)
     total = 10_000
     peaks = []
-    for storm in (1, 2):
+    for storm in (1, 2, 3):
         outcomes, served = asyncio.run(_stream_storm(server.address, total, channels=100))
         peaks.append(_peak(server))
         _report(f"{total} streams, storm {storm} ({dict(outcomes)}; ordinary calls served "
@@ -175,9 +175,12 @@ def test_ten_thousand_streams_are_capped_and_others_still_served(server: ServerP
         assert served >= 1
         _serve_one(server.address)
     # grpc's per-call state for 10,000 simultaneous streams costs memory once;
-    # a second storm reuses it (no leak), and the total stays far below 10 GiB
-    assert peaks[1] - peaks[0] < 32 * MiB, peaks
-    assert peaks[1] - before < STORM_BUDGET_KIB, peaks
+    # the allocator settles over the first two storms (their growth varied
+    # 20-35 MiB between runs), a third reuses it: a leak of the streams' state
+    # (>= 4 KiB each, 40 MiB a storm) would show there; the total stays far
+    # below 10 GiB
+    assert peaks[2] - peaks[1] < 32 * MiB, peaks
+    assert peaks[2] - before < STORM_BUDGET_KIB, peaks
     # the cap is released when the streams close: a new stream is served
     with grpc.insecure_channel(server.address) as ch:
         raw = next(iter(ch.stream_stream(BIDI)(iter([encode_request(8)]), timeout=60)))
