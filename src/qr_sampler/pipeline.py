@@ -8,7 +8,8 @@ One step, for the rows qr-sampler controls (bypassed rows are never touched):
    helper thread, while the device already computes what needs no u
    (statistics, temperatures, the chunked head: :meth:`SamplingPipeline.prepare`);
 3. amplify each row's bytes into z and u (:mod:`qr_sampler.sampling.amplify`);
-4. send u and the per-row settings to the logits' device in one copy;
+4. send the per-row settings (before the fetch returns) and then u to the
+   logits' device, each in one pinned copy without a sync;
 5. temperature per row — fixed or EDT (:mod:`qr_sampler.sampling.temperature`);
 6. select by rank with u (:mod:`qr_sampler.sampling.select`): fused row
    statistics (max, entropy, logsumexp at T), then a chunked head ordered
