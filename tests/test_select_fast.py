@@ -101,6 +101,38 @@ def _check(
 KINDS = ["grid", "ties", "inf", "bf16", "peaked", "flat"]
 
 
+def _checked_against_full_sort(
+    logits: np.ndarray,
+    rows: list[RowState],
+    u: np.ndarray,
+    token_ids: torch.Tensor,
+    host: np.ndarray,
+) -> int:
+    """Check a pipeline's ``choose`` result (token ids and the host block) row
+    by row against the full sort at the temperatures it applied; returns how
+    many rows were checked (fragile ones are skipped)."""
+    temps = torch.from_numpy(host[:, 5]).float()
+    params = SelectionParams(
+        temperature=temps,
+        top_k=torch.tensor([r.config.top_k for r in rows]),
+        top_p=torch.tensor([r.config.top_p for r in rows], dtype=torch.float64),
+        min_p=torch.tensor([r.config.min_p for r in rows], dtype=torch.float64),
+        u=torch.from_numpy(u),
+    )
+    ref_sorted = select_sorted(torch.from_numpy(logits), params)
+    got = Selection(
+        token_ids=token_ids,
+        rank=torch.from_numpy(host[:, 1]).long(),
+        prob=torch.from_numpy(host[:, 2]),
+        num_candidates=torch.from_numpy(host[:, 3]).long(),
+    )
+    checked = 0
+    for i, r in enumerate(rows):
+        row = RowSettings(float(temps[i]), r.config.top_k, r.config.top_p, r.config.min_p, u[i])
+        checked += _check(got, i, logits, row, ref_sorted)
+    return checked
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("vocab", "head", "chunk"), [(1000, 8, 16), (1237, 32, 4), (3000, 4, 64)])
 def test_exact_prefix_is_the_full_sort(kind: str, vocab: int, head: int, chunk: int) -> None:
@@ -214,26 +246,8 @@ def test_pipeline_step_equals_full_sort(strategy: str) -> None:
     logits = np.concatenate([_logits(rng, "peaked", 20, vocab), _logits(rng, "bf16", 20, vocab)])
     u = rng.uniform(1e-10, 1 - 1e-10, 40)
     token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
-    temps = torch.from_numpy(host[:, 5]).float()
-    params = SelectionParams(
-        temperature=temps,
-        top_k=torch.tensor([r.config.top_k for r in rows]),
-        top_p=torch.tensor([r.config.top_p for r in rows], dtype=torch.float64),
-        min_p=torch.tensor([r.config.min_p for r in rows], dtype=torch.float64),
-        u=torch.from_numpy(u),
-    )
-    ref_sorted = select_sorted(torch.from_numpy(logits), params)
-    got = Selection(
-        token_ids=token_ids,
-        rank=torch.from_numpy(host[:, 1]).long(),
-        prob=torch.from_numpy(host[:, 2]),
-        num_candidates=torch.from_numpy(host[:, 3]).long(),
-    )
-    checked = 0
-    for i, r in enumerate(rows):
-        row = RowSettings(float(temps[i]), r.config.top_k, r.config.top_p, r.config.min_p, u[i])
-        checked += _check(got, i, logits, row, ref_sorted)
-        assert int(host[i, 0]) == int(token_ids[i])
+    checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
+    assert host[:, 0].astype(np.int64).tolist() == token_ids.tolist()
     assert checked >= 36
     ent = shannon_entropy(torch.from_numpy(logits))
     assert torch.allclose(torch.from_numpy(host[:, 6]).float(), ent, rtol=1e-5, atol=1e-6)
@@ -449,25 +463,7 @@ def test_pipeline_radix_mode_equals_full_sort(strategy: str) -> None:
     logits = np.concatenate([_logits(rng, "peaked", 20, vocab), _logits(rng, "bf16", 20, vocab)])
     u = rng.uniform(1e-10, 1 - 1e-10, 40)
     token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
-    temps = torch.from_numpy(host[:, 5]).float()
-    params = SelectionParams(
-        temperature=temps,
-        top_k=torch.tensor([r.config.top_k for r in rows]),
-        top_p=torch.tensor([r.config.top_p for r in rows], dtype=torch.float64),
-        min_p=torch.tensor([r.config.min_p for r in rows], dtype=torch.float64),
-        u=torch.from_numpy(u),
-    )
-    ref_sorted = select_sorted(torch.from_numpy(logits), params)
-    got = Selection(
-        token_ids=token_ids,
-        rank=torch.from_numpy(host[:, 1]).long(),
-        prob=torch.from_numpy(host[:, 2]),
-        num_candidates=torch.from_numpy(host[:, 3]).long(),
-    )
-    checked = 0
-    for i, r in enumerate(rows):
-        row = RowSettings(float(temps[i]), r.config.top_k, r.config.top_p, r.config.min_p, u[i])
-        checked += _check(got, i, logits, row, ref_sorted)
+    checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
     assert checked >= 36
     assert (host[:, 4] == 1).all()  # every row resolved in the one pass
     pipe.close()
@@ -502,24 +498,6 @@ def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch)
     token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
     plain_flat = sum(1 for i in range(16) if i % 3 != 1)
     assert seen == [24 - plain_flat], seen  # only the rows that can use it
-    temps = torch.from_numpy(host[:, 5]).float()
-    params = SelectionParams(
-        temperature=temps,
-        top_k=torch.tensor([r.config.top_k for r in rows]),
-        top_p=torch.tensor([r.config.top_p for r in rows], dtype=torch.float64),
-        min_p=torch.tensor([r.config.min_p for r in rows], dtype=torch.float64),
-        u=torch.from_numpy(u),
-    )
-    ref_sorted = select_sorted(torch.from_numpy(logits), params)
-    got = Selection(
-        token_ids=token_ids,
-        rank=torch.from_numpy(host[:, 1]).long(),
-        prob=torch.from_numpy(host[:, 2]),
-        num_candidates=torch.from_numpy(host[:, 3]).long(),
-    )
-    checked = 0
-    for i, r in enumerate(rows):
-        row = RowSettings(float(temps[i]), r.config.top_k, r.config.top_p, r.config.min_p, u[i])
-        checked += _check(got, i, logits, row, ref_sorted)
+    checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
     assert checked >= 20, checked
     pipe.close()
