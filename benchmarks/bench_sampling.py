@@ -100,14 +100,24 @@ def _torch_native() -> NativeFn:
             vals.masked_fill_(drop, float("-inf"))
         return logits.scatter_(-1, idx, vals)
 
+    def race(probs: torch.Tensor) -> torch.Tensor:
+        return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
+
+    return _native_step(apply_top_k_top_p, race)
+
+
+def _native_step(
+    apply_top_k_top_p: Callable[..., torch.Tensor], draw: Callable[[torch.Tensor], torch.Tensor]
+) -> NativeFn:
+    """vLLM's native order: temperature, top-k/top-p, softmax, the draw, ids to the host."""
+
     def sample(
         logits: torch.Tensor, temp: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None
     ) -> Any:
         logits.div_(temp.unsqueeze(1))
         logits = apply_top_k_top_p(logits, k, p)
         probs = logits.softmax(dim=-1, dtype=torch.float32)
-        q = torch.empty_like(probs).exponential_()
-        return probs.div_(q).argmax(dim=-1).cpu()
+        return draw(probs).cpu()
 
     return sample
 
@@ -119,15 +129,9 @@ def native_sampler() -> tuple[str, NativeFn]:
     except Exception:
         return "torch equivalent of vLLM forward_native", _torch_native()
 
-    def sample(
-        logits: torch.Tensor, temp: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor | None
-    ) -> Any:
-        logits.div_(temp.unsqueeze(1))
-        logits = apply_top_k_top_p(logits, k, p)
-        probs = logits.softmax(dim=-1, dtype=torch.float32)
-        return random_sample(probs, {}).cpu()
-
-    return "vllm.v1.sample.ops.topk_topp_sampler (forward_native path)", sample
+    return "vllm.v1.sample.ops.topk_topp_sampler (forward_native path)", _native_step(
+        apply_top_k_top_p, lambda probs: random_sample(probs, {})
+    )
 
 
 def vllm_cpu_forward() -> NativeFn | None:
