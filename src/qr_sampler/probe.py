@@ -314,26 +314,12 @@ def run_checks(
 ) -> list[Check]:
     """Every check on the received bytes, most telling first."""
     checks = [stuck(data)]
-    rct = [f for f in health_failures if "repetition count" in f]
-    apt = [f for f in health_failures if "adaptive proportion" in f]
-    checks.append(
-        Check(
-            "SP 800-90B repetition count",
-            not rct,
-            rct[0] + (f" ({len(rct)} failure(s))" if len(rct) > 1 else "")
-            if rct
-            else health_detail,
+    for test in ("repetition count", "adaptive proportion"):
+        found = [f for f in health_failures if test in f]
+        more = f" ({len(found)} failure(s))" if len(found) > 1 else ""
+        checks.append(
+            Check(f"SP 800-90B {test}", not found, found[0] + more if found else health_detail)
         )
-    )
-    checks.append(
-        Check(
-            "SP 800-90B adaptive proportion",
-            not apt,
-            apt[0] + (f" ({len(apt)} failure(s))" if len(apt) > 1 else "")
-            if apt
-            else health_detail,
-        )
-    )
     checks.append(byte_frequency(data, alpha))
     bits = np.unpackbits(data[: 1 << 21])  # up to 16 Mbit
     checks.append(bit_frequency(bits, alpha))
