@@ -529,12 +529,7 @@ def _head_where_useful(
     t, lse, max_logit = stage[0], stage[2], stage[3]
     t_eff = torch.where(t <= 0, torch.ones_like(t), t)
     bound = (head_size * chunk) * torch.exp(max_logit / t_eff - lse).double()
-    plain = (
-        ((block[:, _EDT] > 0) | (block[:, _FIXED] > 0))
-        & ((block[:, _TOPK] <= 0) | (block[:, _TOPK] >= sub.shape[-1]))
-        & (block[:, _TOPP] >= 1.0)
-        & (block[:, _MINP] <= 0)
-    )
+    plain = _radix_rows(block, sub.shape[-1]) & (block[:, _MINP] <= 0)
     need = ~plain | ~(bound.cpu().numpy() < HEAD_WORTH)
     rows = sub.shape[0]
     if need.all():

@@ -73,11 +73,16 @@ def scale_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x = logits / T as float32 (greedy rows use T = 1), and the effective top_k."""
     greedy = params.temperature <= 0
-    t = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
-    x = logits.float() / t.float().unsqueeze(1)
-    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
+    x = scaled_logits(logits, effective_temperature(params))
     top_k = torch.where(greedy, torch.ones_like(params.top_k), params.top_k)
     return x, top_k
+
+
+def scaled_logits(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x = logits / t per row as float32, NaN and -inf as -inf (every path
+    orders the same x)."""
+    x = logits.float() / t.float().unsqueeze(1)
+    return torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
 
 
 def _select_window(
@@ -367,10 +372,7 @@ def chunked_head(
     ids = (first.unsqueeze(-1) + torch.arange(chunk, device=logits.device)).reshape(rows, -1)
     valid = ids < vocab
     ids = ids.clamp(max=vocab - 1)
-    x = logits.gather(1, ids).float() / t.unsqueeze(1)
-    x = torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf")).masked_fill(
-        ~valid, float("-inf")
-    )
+    x = scaled_logits(logits.gather(1, ids), t).masked_fill(~valid, float("-inf"))
     vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
     width = min(vals.shape[1], 2 * head_size)  # the window math needs no more
     vals, order = vals[:, :width], order[:, :width]
@@ -463,7 +465,7 @@ def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
     """
     rows, vocab = logits.shape
     t = effective_temperature(params)
-    x = _scaled(logits, t)
+    x = scaled_logits(logits, t)
     m = x.amax(dim=-1, keepdim=True)
     lse = torch.logsumexp(x, dim=-1, keepdim=True)
     p = torch.exp(x - lse).double()
@@ -524,11 +526,6 @@ def value_keys(x: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + (1 << 31)
 
 
-def _scaled(logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    x = logits.float() / t.unsqueeze(1)
-    return torch.nan_to_num(x, nan=float("-inf"), neginf=float("-inf"))
-
-
 def select_radix(
     logits: torch.Tensor,
     params: SelectionParams,
@@ -559,7 +556,7 @@ def select_radix(
     """
     rows = logits.shape[0]
     t = effective_temperature(params)
-    x = _scaled(logits, t)
+    x = scaled_logits(logits, t)
     key = value_keys(x)
     lse = lse.float().unsqueeze(1)
     p = torch.exp(x - lse).double()
@@ -615,7 +612,7 @@ def _tied_at(
     """The radix search's ``tied`` mask recomputed at token ids ``ids`` [rows, n]
     (ids >= vocab are never tied): the same float operations, so the same answer."""
     vocab = logits.shape[1]
-    x = _scaled(logits.gather(1, ids.clamp(max=vocab - 1)), t)
+    x = scaled_logits(logits.gather(1, ids.clamp(max=vocab - 1)), t)
     p = torch.exp(x - lse).double()
     keep = (p > 0) & (p >= keep_floor) & (ids < vocab)
     return keep & (value_keys(x) == star)
