@@ -1,20 +1,31 @@
-"""The radix search of :func:`qr_sampler.sampling.select.select_radix` as one
-Triton kernel: one program per row, every pass over the row inside it.
+"""The radix search of :func:`qr_sampler.sampling.select.select_radix` in
+Triton kernels: each row split over several programs, one launch per pass,
+no host sync.
 
 Same algorithm, same float operations (x = logits / T with correctly rounded
-division, p = exp(x - lse) in float32, kept mass summed in float64), one launch
-and no host sync:
+division, p = exp(x - lse) in float32 -- libdevice's ``expf`` on CUDA, as
+torch's -- kept mass summed in float64), so the same answers:
 
-* passes 1 to 32 / BITS: accumulate, for the 2**BITS edges of the current key
-  range, the kept mass at or above each edge (float64); keep the last edge
-  whose mass exceeds U = u * Z. Pass 1's first edge is key 0, so it also gives
-  Z and the candidate count.
-* the last pass's buckets are single keys: it also counts tokens at or above
-  each edge and the smallest token id at each key, so the tied tokens' count,
-  the mass above v* and the first tied id come out of it; p* is recomputed from
-  v* itself (exact).
-* only when u falls past the first of several tied tokens, one more pass
-  locates the j-th of them by a running count (rare: exact ties at v*).
+* a pass splits the current key range [lo, hi) into 2**BITS buckets; each
+  program sums, over its slice of the row, the kept mass at or above each
+  bucket edge of the tokens *inside* the range, into its own partial row
+  (float64, no atomics: the reduction over programs is in a fixed order, so
+  every program of a row and every run agree bit for bit);
+* the next pass's programs reduce those partials, add the mass above the range
+  (known from the pass before: the mass at or above the bucket edge after the
+  chosen one), keep the last edge whose mass exceeds U = u * Z, and narrow the
+  range. Pass 1's edge 0 gives Z. Tokens outside the range cost a load and a
+  compare: no exponential, no per-edge sums (a block with none in range skips
+  them), so passes after the first few run at memory speed;
+* key edges are compared as floats (an edge's key mapped back to its float
+  value, out-of-range keys to -inf/+inf): for kept tokens (finite x)
+  ``x >= float(edge)`` exactly when ``key(x) >= edge``;
+* the last pass's buckets are single keys: it also counts kept tokens at or
+  above each edge and above the range, and the smallest id at each key, per
+  program; the final kernel (one program per row) reads v*, the mass and count
+  above it, the tied tokens' count and p* = exp(v* - lse), finds which
+  program's slice holds the j-th tied token and, only when j > 0 there (exact
+  ties at v*, rare), walks that slice in id order.
 
 Imported only where Triton and a GPU exist (and by the tests, through Triton's
 CPU interpreter).
@@ -22,6 +33,7 @@ CPU interpreter).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -33,29 +45,118 @@ from qr_sampler.sampling.select import Selection, SelectionParams, effective_tem
 #: bits of the key decided per pass (32 must be a multiple)
 BITS = 4
 #: token ids per loop iteration of a pass
-BLOCK = 128
+BLOCK = 256
+#: warps per program
+WARPS = 4
+#: aim for about this many programs per streaming multiprocessor in a pass
+PROGRAMS_PER_SM = 4
+#: at most this many programs per row
+MAX_SPLIT = 64
 
 _SIGN: Any = tl.constexpr(2147483648)  # 2**31
 _FLT_MAX: Any = tl.constexpr(3.4028234663852886e38)
+_KEY_NEG_INF: Any = tl.constexpr(8388607)  # key of -inf: edges at or below it compare as -inf
+_KEY_FLT_MAX: Any = tl.constexpr(4286578687)  # key of the largest float: edges above it as +inf
+_NO_ID: Any = tl.constexpr(2147483647)
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not _INTERPRETED:
+    from triton.language.extra import libdevice
 
 
 @triton.jit
-def _scaled_keyed(row_ptr, offs, vocab, t, lse, floor):
-    inside = offs < vocab
+def _exp(z, EXACT_EXP: tl.constexpr):
+    if EXACT_EXP:
+        y = libdevice.exp(z)
+    else:
+        y = tl.exp(z)
+    return y
+
+
+@triton.jit
+def _scaled(row_ptr, offs, inside, t):
+    """x = logits / T as :func:`~qr_sampler.sampling.select.scaled_logits`:
+    NaN -> -inf, +inf -> the largest float, -0.0 -> +0.0."""
     x = tl.load(row_ptr + offs, mask=inside, other=float("-inf")).to(tl.float32)
     x = tl.div_rn(x, t)
-    x = tl.where(x != x, float("-inf"), x)  # NaN -> -inf (as nan_to_num)
+    x = tl.where(x != x, float("-inf"), x)
     x = tl.where(x == float("inf"), _FLT_MAX, x)
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 -> +0.0: one key for equal values
-    p = tl.exp(x - lse).to(tl.float64)
-    keep = inside & (p > 0.0) & (p >= floor)
-    bits = x.to(tl.int32, bitcast=True).to(tl.int64)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + _SIGN
-    return key, tl.where(keep, p, 0.0), keep
+    return tl.where(x == 0.0, 0.0, x)
 
 
 @triton.jit
-def _radix_kernel(
+def _key_value(key):
+    """The float32 whose order-preserving key is ``key`` (int64); keys at or
+    below -inf's as -inf, keys above the largest float's as +inf."""
+    bits = key - _SIGN
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    x = bits.to(tl.int32).to(tl.float32, bitcast=True)
+    x = tl.where(key <= _KEY_NEG_INF, float("-inf"), x)
+    return tl.where(key > _KEY_FLT_MAX, float("inf"), x)
+
+
+@triton.jit
+def _row_scalars(
+    rows_ptr,
+    i,
+    t_ptr,
+    lse_ptr,
+    max_ptr,
+    params_ptr,
+    params_stride,
+    U_COL,
+    MINP_COL,
+    EXACT_EXP: tl.constexpr,
+):
+    row = tl.load(rows_ptr + i)
+    t = tl.load(t_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    p_max = _exp(tl.div_rn(tl.load(max_ptr + row), t) - lse, EXACT_EXP).to(tl.float64)
+    floor = tl.load(params_ptr + row * params_stride + MINP_COL) * p_max
+    u = tl.load(params_ptr + row * params_stride + U_COL)
+    return row, t, lse, floor, u
+
+
+@triton.jit
+def _choose(
+    part_ptr,
+    above_ptr,
+    pref_ptr,
+    i,
+    n,
+    R,
+    SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    NB: tl.constexpr,
+    u,
+):
+    """After pass ``R``: Z (pass 0's edge 0), U, the kept mass at or above each
+    edge of pass R (reduced over the programs in a fixed order), the chosen
+    bucket, and the range's lower key and the mass above it for pass R + 1."""
+    progs = tl.arange(0, SPLIT_P2)
+    bins = tl.arange(0, NB)
+    ok = progs[:, None] < SPLIT
+    first = tl.load(
+        part_ptr + ((0 * n + i) * SPLIT + progs[:, None]) * NB + bins[None, :],
+        mask=ok & (bins[None, :] == 0),
+        other=0.0,
+    )
+    total = tl.sum(tl.sum(first, axis=1), axis=0)
+    target = u * total
+    parts = tl.load(
+        part_ptr + ((R * n + i) * SPLIT + progs[:, None]) * NB + bins[None, :], mask=ok, other=0.0
+    )
+    above = tl.load(above_ptr + R * n + i)
+    g = tl.sum(parts, axis=0) + above  # [NB]
+    pick = tl.sum(((g > target) & (bins > 0)).to(tl.int64), axis=0)
+    g_next = tl.sum(tl.where(bins == pick + 1, g, 0.0), axis=0)
+    above_next = tl.where(pick == NB - 1, above, g_next)
+    prefix = tl.load(pref_ptr + R * n + i)
+    return total, target, g, pick, prefix, above_next
+
+
+@triton.jit
+def _pass_kernel(
     logits_ptr,
     stride,
     vocab,
@@ -65,112 +166,193 @@ def _radix_kernel(
     max_ptr,
     params_ptr,
     params_stride,
+    part_ptr,
+    above_ptr,
+    pref_ptr,
+    cnt_ptr,
+    low_ptr,
+    acnt_ptr,
+    kcnt_ptr,
+    n,
+    chunk,
+    U_COL,
+    MINP_COL,
+    R: tl.constexpr,
+    ROUNDS: tl.constexpr,
+    BITS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+):
+    i = tl.program_id(0)
+    c = tl.program_id(1)
+    row, t, lse, floor, u = _row_scalars(
+        rows_ptr, i, t_ptr, lse_ptr, max_ptr, params_ptr, params_stride, U_COL, MINP_COL, EXACT_EXP
+    )
+    NB: tl.constexpr = 1 << BITS
+    SHIFT: tl.constexpr = 32 - BITS * (R + 1)
+    bins = tl.arange(0, NB)
+    if R == 0:
+        prefix = tl.zeros([], dtype=tl.int64)
+        above = tl.zeros([], dtype=tl.float64)
+    else:
+        _t, _u, _g, pick, prev, above = _choose(
+            part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, NB, u
+        )
+        prefix = prev + (pick << (SHIFT + BITS))
+    # every program of the row computed the same values; one writes them
+    tl.store(pref_ptr + R * n + i, prefix, mask=c == 0)
+    tl.store(above_ptr + R * n + i, above, mask=c == 0)
+    edges = _key_value(prefix + (bins.to(tl.int64) << SHIFT))  # [NB]
+    lo = _key_value(prefix)
+    hi = _key_value(prefix + (NB << SHIFT))
+    row_ptr = logits_ptr + row * stride
+    lanes = tl.arange(0, BLOCK)
+    start = c * chunk
+    end = tl.minimum(start + chunk, vocab)
+    mass = tl.zeros([NB, BLOCK], dtype=tl.float64)
+    if R == ROUNDS - 1:
+        count = tl.zeros([NB, BLOCK], dtype=tl.int32)
+        low = tl.full([NB, BLOCK], _NO_ID, dtype=tl.int32)
+        over = tl.zeros([BLOCK], dtype=tl.int32)
+    if R == 0:
+        kept = tl.zeros([BLOCK], dtype=tl.int32)
+    for s in range(start, end, BLOCK):
+        offs = s + lanes
+        inside = offs < end
+        x = _scaled(row_ptr, offs, inside, t)
+        cand = inside & (x >= lo) & (x < hi)
+        if R == ROUNDS - 1:
+            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
+            keep = inside & (p > 0.0) & (p >= floor)
+            over += (keep & (x >= hi)).to(tl.int32)
+            mine = keep & cand
+            w = tl.where(mine, p, 0.0)
+            ge = x[None, :] >= edges[:, None]
+            mass += tl.where(ge, w[None, :], 0.0)
+            count += (ge & mine[None, :]).to(tl.int32)
+            at = (x[None, :] == edges[:, None]) & mine[None, :]
+            low = tl.minimum(low, tl.where(at, offs[None, :], _NO_ID))
+        elif tl.sum(cand.to(tl.int32), axis=0) > 0:
+            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
+            keep = cand & (p > 0.0) & (p >= floor)
+            w = tl.where(keep, p, 0.0)
+            mass += tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0)
+            if R == 0:
+                kept += keep.to(tl.int32)
+    base = (R * n + i) * SPLIT + c
+    tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1))
+    if R == 0:
+        tl.store(kcnt_ptr + i * SPLIT + c, tl.sum(kept, axis=0))
+    if R == ROUNDS - 1:
+        mine_base = (i * SPLIT + c) * NB
+        tl.store(cnt_ptr + mine_base + bins, tl.sum(count, axis=1))
+        tl.store(low_ptr + mine_base + bins, tl.min(low, axis=1))
+        tl.store(acnt_ptr + i * SPLIT + c, tl.sum(over, axis=0))
+
+
+@triton.jit
+def _final_kernel(
+    logits_ptr,
+    stride,
+    vocab,
+    rows_ptr,
+    t_ptr,
+    lse_ptr,
+    max_ptr,
+    params_ptr,
+    params_stride,
+    part_ptr,
+    above_ptr,
+    pref_ptr,
+    cnt_ptr,
+    low_ptr,
+    acnt_ptr,
+    kcnt_ptr,
+    n,
+    chunk,
     token_ptr,
     out_ptr,
     out_stride,
-    U_COL: tl.constexpr,
-    MINP_COL: tl.constexpr,
+    U_COL,
+    MINP_COL,
+    ROUNDS: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
 ):
-    row = tl.load(rows_ptr + tl.program_id(0))
-    row_ptr = logits_ptr + row * stride
-    t = tl.load(t_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    p_max = tl.exp(tl.div_rn(tl.load(max_ptr + row), t) - lse).to(tl.float64)
-    floor = tl.load(params_ptr + row * params_stride + MINP_COL) * p_max
-    u = tl.load(params_ptr + row * params_stride + U_COL)
+    i = tl.program_id(0)
+    row, t, lse, floor, u = _row_scalars(
+        rows_ptr, i, t_ptr, lse_ptr, max_ptr, params_ptr, params_stride, U_COL, MINP_COL, EXACT_EXP
+    )
     NB: tl.constexpr = 1 << BITS
-    ROUNDS: tl.constexpr = 32 // BITS
-    lanes = tl.arange(0, BLOCK)
-    bins = tl.arange(0, NB).to(tl.int64)
-    prefix = tl.zeros([1], dtype=tl.int64)
-    total = tl.zeros([1], dtype=tl.float64)
-    target = tl.zeros([1], dtype=tl.float64)
-    n_cand = tl.zeros([1], dtype=tl.int64)
-    star = tl.zeros([1], dtype=tl.int64)
-    n_over = tl.zeros([1], dtype=tl.int64)
-    n_tied = tl.zeros([1], dtype=tl.int64)
-    first = tl.zeros([1], dtype=tl.int64)
-    for r in tl.static_range(ROUNDS):
-        shift = 32 - BITS * (r + 1)
-        edges = prefix + (bins << shift)  # [NB]
-        top = prefix + (NB << shift)  # [1]
-        mass = tl.zeros([NB, BLOCK], dtype=tl.float64)
-        count = tl.zeros([NB, BLOCK], dtype=tl.int32)
-        low_id = tl.full([NB, BLOCK], 2147483647, dtype=tl.int32)
-        above = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, vocab, BLOCK):
-            offs = start + lanes
-            key, w, keep = _scaled_keyed(row_ptr, offs, vocab, t, lse, floor)
-            ge = key[None, :] >= edges[:, None]
-            mass += tl.where(ge, w[None, :], 0.0)
-            if r == ROUNDS - 1:
-                count += (ge & keep[None, :]).to(tl.int32)
-                at = (key[None, :] == edges[:, None]) & keep[None, :]
-                low_id = tl.minimum(low_id, tl.where(at, offs[None, :], 2147483647))
-                above += (keep & (key >= top)).to(tl.int32)
-            if r == 0:
-                above += keep.to(tl.int32)
-        g = tl.sum(mass, axis=1)  # [NB] kept mass at or above each edge
-        if r == 0:
-            total = tl.sum(tl.where(bins == 0, g, 0.0), axis=0) + total
-            target = u * total
-            n_cand = tl.sum(above, axis=0).to(tl.int64) + n_cand
-        pick = tl.sum((g > target) & (bins > 0), axis=0).to(tl.int64)  # edges past the first
-        prefix = prefix + (pick << shift)
-        if r == ROUNDS - 1:
-            c = tl.sum(count, axis=1).to(tl.int64)  # [NB] kept tokens at or above each edge
-            n_top = tl.sum(above, axis=0).to(tl.int64)
-            c_at = tl.sum(tl.where(bins == pick, c, 0), axis=0)
-            c_next = tl.sum(tl.where(bins == pick + 1, c, 0), axis=0)
-            c_next = tl.where(pick == NB - 1, n_top, c_next)
-            star = prefix
-            n_over = c_next
-            n_tied = c_at - c_next
-            low = tl.sum(tl.where(bins == pick, tl.min(low_id, axis=1), 0), axis=0)
-            first = tl.zeros([1], dtype=tl.int64) + low.to(tl.int64)
-            mass_next = tl.sum(tl.where(bins == pick + 1, g, 0.0), axis=0)
-    # the mass above v*: for the last bin, recomputed (keys above the range)
-    over_mass = tl.zeros([1], dtype=tl.float64)
-    need_top = pick == NB - 1
-    # v* itself and its probability, exactly as each token's p
-    bits_star = star - _SIGN
-    bits_star = tl.where(bits_star < 0, bits_star ^ 0x7FFFFFFF, bits_star)
-    x_star = bits_star.to(tl.int32).to(tl.float32, bitcast=True)
-    p_star = tl.exp(x_star - lse).to(tl.float64)
-    if need_top:
-        acc = tl.zeros([BLOCK], dtype=tl.float64)
-        for start in range(0, vocab, BLOCK):
-            offs = start + lanes
-            key, w, keep = _scaled_keyed(row_ptr, offs, vocab, t, lse, floor)
-            acc += tl.where(key > star, w, 0.0)
-        over_mass = tl.sum(acc, axis=0) + over_mass
-    else:
-        over_mass = mass_next + over_mass
+    total, target, g, pick, prefix, over_mass = _choose(
+        part_ptr, above_ptr, pref_ptr, i, n, ROUNDS - 1, SPLIT, SPLIT_P2, NB, u
+    )
+    star = prefix + pick  # the last pass's buckets are single keys
+    x_star = _key_value(star)
+    p_star = _exp(x_star - lse, EXACT_EXP).to(tl.float64)
+    progs = tl.arange(0, SPLIT_P2)
+    bins = tl.arange(0, NB)
+    ok = progs < SPLIT
+    grid = (i * SPLIT + progs[:, None]) * NB + bins[None, :]
+    cnt = tl.load(cnt_ptr + grid, mask=ok[:, None], other=0).to(tl.int64)  # [SPLIT_P2, NB]
+    acnt = tl.load(acnt_ptr + i * SPLIT + progs, mask=ok, other=0).to(tl.int64)
+    at_pick = tl.sum(tl.where(bins[None, :] == pick, cnt, 0), axis=1)  # per program
+    after = tl.sum(tl.where(bins[None, :] == pick + 1, cnt, 0), axis=1)
+    tied_here = at_pick - after  # tokens at v*, per program
+    n_tied = tl.sum(tied_here, axis=0)
+    n_over = tl.sum(after, axis=0) + tl.sum(acnt, axis=0)
     j = tl.floor((target - over_mass) / p_star).to(tl.int64)
     j = tl.minimum(tl.maximum(j, 0), tl.maximum(n_tied - 1, 0))
-    token = first
-    if tl.sum(j, axis=0) > 0:  # past the first of several tied tokens: count them in id order
-        seen = tl.zeros([1], dtype=tl.int64)
-        for start in range(0, vocab, BLOCK):
-            offs = start + lanes
-            key, w, keep = _scaled_keyed(row_ptr, offs, vocab, t, lse, floor)
-            tied = (keep & (key == star)).to(tl.int64)
-            run = tl.cumsum(tied, axis=0)
+    run = tl.cumsum(tied_here, axis=0)
+    holder = tl.sum((run <= j).to(tl.int64), axis=0)  # program whose slice holds the j-th
+    before = tl.sum(tl.where(progs < holder, tied_here, 0), axis=0)
+    lows = tl.load(low_ptr + grid, mask=ok[:, None], other=0)
+    token = tl.sum(
+        tl.where((progs[:, None] == holder) & (bins[None, :] == pick), lows, 0).to(tl.int64), axis=1
+    )
+    token = tl.sum(token, axis=0)
+    jj = j - before
+    if jj > 0:  # past the first tied token of that slice: count them in id order
+        row_ptr = logits_ptr + row * stride
+        lanes = tl.arange(0, BLOCK)
+        start = holder * chunk
+        end = tl.minimum(start + chunk, vocab)
+        seen = tl.zeros([], dtype=tl.int64)
+        for s in range(start, end, BLOCK):
+            offs = s + lanes
+            inside = offs < end
+            x = _scaled(row_ptr, offs, inside, t)
+            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
+            tied = (inside & (p > 0.0) & (p >= floor) & (x == x_star)).to(tl.int64)
+            pos = tl.sum((tl.cumsum(tied, axis=0) <= (jj - seen)).to(tl.int64), axis=0)
             here = tl.sum(tied, axis=0)
-            pos = tl.sum((run <= (j - seen)).to(tl.int64), axis=0)
-            hit = (seen <= j) & (j < seen + here)
-            token = tl.where(hit, start + pos, token)
+            token = tl.where((seen <= jj) & (jj < seen + here), s + pos, token)
             seen += here
-    one = tl.arange(0, 1)
-    tl.store(token_ptr + row + one, token)
-    block = out_ptr + row * out_stride + one
+    n_cand = tl.sum(tl.load(kcnt_ptr + i * SPLIT + progs, mask=ok, other=0).to(tl.int64), axis=0)
+    tl.store(token_ptr + row, token)
+    block = out_ptr + row * out_stride
     tl.store(block, token.to(tl.float64))
     tl.store(block + 1, (n_over + j).to(tl.float64))
     tl.store(block + 2, p_star / total)
     tl.store(block + 3, n_cand.to(tl.float64))
-    tl.store(block + 4, tl.full([1], 1.0, dtype=tl.float64))
+    tl.store(block + 4, 1.0)
+
+
+def _split(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """Programs per row and ids per program: enough programs to fill the GPU."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 4
+    split = max(1, min(MAX_SPLIT, -(-sms * PROGRAMS_PER_SM // max(rows, 1))))
+    chunk = -(-vocab // split)
+    chunk = -(-chunk // BLOCK) * BLOCK
+    return -(-vocab // chunk), chunk
 
 
 def radix_into(
@@ -190,29 +372,40 @@ def radix_into(
     (token, rank, probability, candidates, 1 = resolved) into the first five
     columns of the float64 block ``out``. ``t``, ``lse`` (logsumexp of
     logits / t) and ``max_logit`` are float32 per row; ``params`` is a float64
-    block holding u and min-p in columns ``u_col`` and ``min_p_col``. One launch."""
-    if rows.numel() == 0:
+    block holding u and min-p in columns ``u_col`` and ``min_p_col``.
+    32 / BITS + 1 launches, no sync."""
+    n = rows.numel()
+    if n == 0:
         return
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    _radix_kernel[(rows.numel(),)](
-        logits,
-        logits.stride(0),
-        logits.shape[1],
-        rows,
-        t.float().contiguous(),
-        lse.float().contiguous(),
-        max_logit.float().contiguous(),
-        params,
-        params.stride(0),
-        token_ids,
-        out,
-        out.stride(0),
-        U_COL=u_col,
-        MINP_COL=min_p_col,
-        BITS=BITS,
-        BLOCK=BLOCK,
-    )
+    vocab = logits.shape[1]
+    device = logits.device
+    split, chunk = _split(n, vocab, device)
+    rounds = 32 // BITS
+    nb = 1 << BITS
+    part = torch.empty(rounds, n, split, nb, dtype=torch.float64, device=device)
+    above = torch.empty(rounds, n, dtype=torch.float64, device=device)
+    pref = torch.empty(rounds, n, dtype=torch.int64, device=device)
+    cnt = torch.empty(n, split, nb, dtype=torch.int32, device=device)
+    low = torch.empty(n, split, nb, dtype=torch.int32, device=device)
+    acnt = torch.empty(n, split, dtype=torch.int32, device=device)
+    kcnt = torch.empty(n, split, dtype=torch.int32, device=device)
+    t, lse, max_logit = (v.float().contiguous() for v in (t, lse, max_logit))
+    common = (logits, logits.stride(0), vocab, rows, t, lse, max_logit, params, params.stride(0))
+    scratch = (part, above, pref, cnt, low, acnt, kcnt, n, chunk)
+    shape = {
+        "ROUNDS": rounds,
+        "BITS": BITS,
+        "BLOCK": BLOCK,
+        "SPLIT": split,
+        "SPLIT_P2": triton.next_power_of_2(split),
+        "EXACT_EXP": not _INTERPRETED,
+        "num_warps": WARPS,
+    }
+    for r in range(rounds):
+        _pass_kernel[(n, split)](*common, *scratch, u_col, min_p_col, R=r, **shape)
+    _final_kernel[(n,)](*common, *scratch, token_ids, out, out.stride(0), u_col, min_p_col, **shape)
 
 
 def select_radix_kernel(
@@ -221,7 +414,7 @@ def select_radix_kernel(
     lse: torch.Tensor,
     max_logit: torch.Tensor,
 ) -> Selection:
-    """:func:`~qr_sampler.sampling.select.select_radix` in one kernel launch."""
+    """:func:`~qr_sampler.sampling.select.select_radix` in 32 / BITS + 1 launches."""
     rows = logits.shape[0]
     device = logits.device
     block = torch.stack([params.u.double(), params.min_p.double()], dim=1).contiguous()
