@@ -52,7 +52,7 @@ from qr_sampler.sampling.select import (
 VOCAB = 151_936
 HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
 CHUNK = 0  # token ids per chunk (--chunk; 0: the pipeline's default for the device)
-RADIX = "off"  # selection of rows without top-k/top-p (--radix)
+RADIX = "auto"  # selection of rows without top-k/top-p (--radix)
 
 
 def _randn3(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -221,7 +221,7 @@ class Case:
             settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
         )
         self.pipe.chunk = CHUNK or None
-        self.pipe.radix = RADIX
+        self.pipe.radix = None if RADIX == "auto" else RADIX
         b = self.batch
         self.temp = torch.full((b,), config.fixed_temperature, device=device)
         self.k = torch.full((b,), config.top_k, device=device) if config.top_k else None
@@ -350,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--logits", choices=sorted(LOGITS), default="randn3")
     ap.add_argument(
         "--radix",
-        choices=["off", "kernel", "torch"],
-        default="off",
-        help="rows without top-k/top-p: chunked head (off) or the exact radix search",
+        choices=["auto", "off", "kernel", "torch"],
+        default="auto",
+        help="rows without top-k/top-p: the pipeline's default (auto: the radix kernel "
+        "on CUDA, the chunked head on the CPU), the chunked head (off) or the exact "
+        "radix search",
     )
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")

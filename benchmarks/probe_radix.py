@@ -37,10 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--bits", type=int, default=radix_kernel.BITS, help="key bits per pass")
     ap.add_argument("--block", type=int, default=radix_kernel.BLOCK, help="ids per iteration")
+    ap.add_argument("--warps", type=int, default=radix_kernel.WARPS, help="warps per program")
+    ap.add_argument(
+        "--per-sm", type=int, default=radix_kernel.PROGRAMS_PER_SM, help="programs per SM"
+    )
     args = ap.parse_args(argv)
     radix_kernel.BITS, radix_kernel.BLOCK = args.bits, args.block
+    radix_kernel.WARPS, radix_kernel.PROGRAMS_PER_SM = args.warps, args.per_sm
     dev = torch.device(args.device)
-    print(f"machine: {machine()}; logits {args.dtype}; bits {args.bits}, block {args.block}")
+    print(
+        f"machine: {machine()}; logits {args.dtype}; bits {args.bits}, block {args.block}, "
+        f"warps {args.warps}, programs per SM {args.per_sm}"
+    )
     gen = torch.Generator(device="cpu").manual_seed(0)
     for batch in [int(b) for b in args.batches.split(",")]:
         logits = (torch.randn(batch, VOCAB, generator=gen) * 3).to(getattr(torch, args.dtype))

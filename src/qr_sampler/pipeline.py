@@ -14,9 +14,9 @@ One step, for the rows qr-sampler controls (bypassed rows are never touched):
 6. select by rank with u (:mod:`qr_sampler.sampling.select`): fused row
    statistics (max, entropy, logsumexp at T), then a chunked head ordered
    without sorting the vocabulary; rows it cannot resolve take the tail
-   histogram or a full sort after a second, small sync (opt-in: the exact radix
-   search over value keys answers rows without top-k/top-p with no second sync,
-   :attr:`SamplingPipeline.radix`);
+   histogram or a full sort after a second, small sync (on CUDA, rows without
+   top-k/top-p take the exact radix search over value keys instead, a Triton
+   kernel with no second sync: :attr:`SamplingPipeline.radix`);
 7. force each row to its token (0 there, -inf elsewhere) in place;
 8. bring the per-row results to the host in one copy and emit one record per row.
 
@@ -172,8 +172,8 @@ class SamplingPipeline:
         self.head_size = head_size
         #: token ids per chunk of the chunked head (None: 16 on accelerators, 4 on the CPU)
         self.chunk: int | None = None
-        #: selection of rows without top-k/top-p: "off" (None), "kernel" or
-        #: "torch" (see _radix_mode)
+        #: selection of rows without top-k/top-p: "off", "kernel", "torch" or
+        #: None (kernel on CUDA where Triton imports, else off: see _radix_mode)
         self.radix: str | None = None
         self.clock = clock
         self.listeners = list(listeners)
@@ -226,8 +226,8 @@ class SamplingPipeline:
         One host<->device sync in a normal step (the result block's copy); the
         settings go over without one (pinned, non-blocking). Rows the chunked
         head cannot resolve cost a second, small sync and the tail histogram or
-        a full sort of those rows; with the radix search on (``self.radix``),
-        rows without top-k/top-p never do. Same as :meth:`prepare` then
+        a full sort of those rows; with the radix search on (``self.radix``,
+        the default on CUDA), rows without top-k/top-p never do. Same as :meth:`prepare` then
         :meth:`finish`.
         """
         return self.finish(self.prepare(logits, row_index, rows), u)
@@ -245,7 +245,7 @@ class SamplingPipeline:
         if not block[:, _EDT].any():  # temperatures known now: one pass gives every statistic
             fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0).astype(np.float32)
             fixed_t = _to_device(fixed, logits.device)
-        mode = self._radix_mode()
+        mode = self._radix_mode(logits.device)
         radix = _radix_rows(block, sub.shape[-1]) if mode != "off" else np.zeros(len(rows), bool)
         use_radix, use_head = bool(radix.any()), not bool(radix.all())
         head_size = _head_for(block, self.head_size)
@@ -318,13 +318,13 @@ class SamplingPipeline:
             )
         return token_ids, host
 
-    def _radix_mode(self) -> str:
-        """How rows without top-k/top-p are selected: "off" (the default: chunked
-        head, then the tail histogram or a sort), "kernel" (the exact radix
-        search as one Triton kernel, one host sync per step but slower than the
-        head so far: benchmarks/RESULTS.md) or "torch" (the same search in torch
-        ops, for tests). "kernel" falls back to "off" where Triton is missing."""
-        mode = self.radix or "off"
+    def _radix_mode(self, device: torch.device) -> str:
+        """How rows without top-k/top-p are selected: "off" (chunked head, then
+        the tail histogram or a sort: the CPU default), "kernel" (the exact
+        radix search in Triton kernels, one host sync per step: the CUDA
+        default) or "torch" (the same search in torch ops, for tests).
+        "kernel" falls back to "off" where Triton is missing."""
+        mode = self.radix or ("kernel" if device.type == "cuda" else "off")
         if mode != "kernel":
             return mode
         if _RADIX_KERNEL.get("ok") is None:

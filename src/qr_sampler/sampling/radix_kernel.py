@@ -45,13 +45,15 @@ from qr_sampler.sampling.select import Selection, SelectionParams, effective_tem
 #: bits of the key decided per pass (32 must be a multiple)
 BITS = 4
 #: token ids per loop iteration of a pass
-BLOCK = 256
-#: warps per program
-WARPS = 4
+BLOCK = 128
+#: warps per program (one: a block's reductions stay inside the warp)
+WARPS = 1
 #: aim for about this many programs per streaming multiprocessor in a pass
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 32
 #: at most this many programs per row
 MAX_SPLIT = 64
+#: passes that keep per-lane partial sums (the rest reduce each block at once)
+WIDE_PASSES = 3
 
 _SIGN: Any = tl.constexpr(2147483648)  # 2**31
 _FLT_MAX: Any = tl.constexpr(3.4028234663852886e38)
@@ -66,18 +68,15 @@ if not _INTERPRETED:
 
 @triton.jit
 def _exp(z, EXACT_EXP: tl.constexpr):
-    if EXACT_EXP:
-        y = libdevice.exp(z)
-    else:
-        y = tl.exp(z)
-    return y
+    return libdevice.exp(z) if EXACT_EXP else tl.exp(z)
 
 
 @triton.jit
-def _scaled(row_ptr, offs, inside, t):
-    """x = logits / T as :func:`~qr_sampler.sampling.select.scaled_logits`:
-    NaN -> -inf, +inf -> the largest float, -0.0 -> +0.0."""
-    x = tl.load(row_ptr + offs, mask=inside, other=float("-inf")).to(tl.float32)
+def _scaled(raw, inside, t):
+    """x = logits / T as :func:`~qr_sampler.sampling.select.scaled_logits`
+    (``raw``: loaded logits, -inf outside the row): NaN -> -inf, +inf -> the
+    largest float, -0.0 -> +0.0."""
+    x = tl.where(inside, raw.to(tl.float32), float("-inf"))
     x = tl.div_rn(x, t)
     x = tl.where(x != x, float("-inf"), x)
     x = tl.where(x == float("inf"), _FLT_MAX, x)
@@ -184,6 +183,7 @@ def _pass_kernel(
     SPLIT: tl.constexpr,
     SPLIT_P2: tl.constexpr,
     EXACT_EXP: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     i = tl.program_id(0)
     c = tl.program_id(1)
@@ -211,44 +211,59 @@ def _pass_kernel(
     lanes = tl.arange(0, BLOCK)
     start = c * chunk
     end = tl.minimum(start + chunk, vocab)
-    mass = tl.zeros([NB, BLOCK], dtype=tl.float64)
-    if R == ROUNDS - 1:
-        count = tl.zeros([NB, BLOCK], dtype=tl.int32)
-        low = tl.full([NB, BLOCK], _NO_ID, dtype=tl.int32)
-        over = tl.zeros([BLOCK], dtype=tl.int32)
-    if R == 0:
-        kept = tl.zeros([BLOCK], dtype=tl.int32)
+    # passes before WIDE keep per-lane [NB, BLOCK] sums (most blocks have work);
+    # later ones reduce each block with work at once ([NB] sums, few registers)
+    mass = tl.zeros([NB, BLOCK], dtype=tl.float64) if R < WIDE else tl.zeros([NB], dtype=tl.float64)
+    count = tl.zeros([NB], dtype=tl.int32)
+    low = tl.full([NB], _NO_ID, dtype=tl.int32)
+    over = tl.zeros([BLOCK], dtype=tl.int32)
+    kept = tl.zeros([BLOCK], dtype=tl.int32)
+    raw = tl.load(row_ptr + start + lanes, mask=start + lanes < end, other=float("-inf"))
     for s in range(start, end, BLOCK):
         offs = s + lanes
         inside = offs < end
-        x = _scaled(row_ptr, offs, inside, t)
+        x = _scaled(raw, inside, t)
+        # the next block's load is in flight while this one is worked on
+        ahead = s + BLOCK + lanes
+        raw = tl.load(row_ptr + ahead, mask=ahead < end, other=float("-inf"))
         cand = inside & (x >= lo) & (x < hi)
         if R == ROUNDS - 1:
             p = _exp(x - lse, EXACT_EXP).to(tl.float64)
             keep = inside & (p > 0.0) & (p >= floor)
             over += (keep & (x >= hi)).to(tl.int32)
             mine = keep & cand
-            w = tl.where(mine, p, 0.0)
-            ge = x[None, :] >= edges[:, None]
-            mass += tl.where(ge, w[None, :], 0.0)
-            count += (ge & mine[None, :]).to(tl.int32)
-            at = (x[None, :] == edges[:, None]) & mine[None, :]
-            low = tl.minimum(low, tl.where(at, offs[None, :], _NO_ID))
-        elif tl.sum(cand.to(tl.int32), axis=0) > 0:
+            if tl.sum(mine.to(tl.int32), axis=0) > 0:
+                w = tl.where(mine, p, 0.0)
+                ge = x[None, :] >= edges[:, None]
+                mass += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
+                count += tl.sum((ge & mine[None, :]).to(tl.int32), axis=1)
+                at = (x[None, :] == edges[:, None]) & mine[None, :]
+                low = tl.minimum(low, tl.min(tl.where(at, offs[None, :], _NO_ID), axis=1))
+        elif R < WIDE:
             p = _exp(x - lse, EXACT_EXP).to(tl.float64)
             keep = cand & (p > 0.0) & (p >= floor)
             w = tl.where(keep, p, 0.0)
             mass += tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0)
             if R == 0:
                 kept += keep.to(tl.int32)
+        elif tl.sum(cand.to(tl.int32), axis=0) > 0:
+            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
+            keep = cand & (p > 0.0) & (p >= floor)
+            w = tl.where(keep, p, 0.0)
+            mass += tl.sum(tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0), axis=1)
+            if R == 0:
+                kept += keep.to(tl.int32)
     base = (R * n + i) * SPLIT + c
-    tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1))
+    if R < WIDE:
+        tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1))
+    else:
+        tl.store(part_ptr + base * NB + bins, mass)
     if R == 0:
         tl.store(kcnt_ptr + i * SPLIT + c, tl.sum(kept, axis=0))
     if R == ROUNDS - 1:
         mine_base = (i * SPLIT + c) * NB
-        tl.store(cnt_ptr + mine_base + bins, tl.sum(count, axis=1))
-        tl.store(low_ptr + mine_base + bins, tl.min(low, axis=1))
+        tl.store(cnt_ptr + mine_base + bins, count)
+        tl.store(low_ptr + mine_base + bins, low)
         tl.store(acnt_ptr + i * SPLIT + c, tl.sum(over, axis=0))
 
 
@@ -289,7 +304,7 @@ def _final_kernel(
         rows_ptr, i, t_ptr, lse_ptr, max_ptr, params_ptr, params_stride, U_COL, MINP_COL, EXACT_EXP
     )
     NB: tl.constexpr = 1 << BITS
-    total, target, g, pick, prefix, over_mass = _choose(
+    total, target, _g, pick, prefix, over_mass = _choose(
         part_ptr, above_ptr, pref_ptr, i, n, ROUNDS - 1, SPLIT, SPLIT_P2, NB, u
     )
     star = prefix + pick  # the last pass's buckets are single keys
@@ -326,7 +341,8 @@ def _final_kernel(
         for s in range(start, end, BLOCK):
             offs = s + lanes
             inside = offs < end
-            x = _scaled(row_ptr, offs, inside, t)
+            raw = tl.load(row_ptr + offs, mask=inside, other=float("-inf"))
+            x = _scaled(raw, inside, t)
             p = _exp(x - lse, EXACT_EXP).to(tl.float64)
             tied = (inside & (p > 0.0) & (p >= floor) & (x == x_star)).to(tl.int64)
             pos = tl.sum((tl.cumsum(tied, axis=0) <= (jj - seen)).to(tl.int64), axis=0)
@@ -404,7 +420,9 @@ def radix_into(
         "num_warps": WARPS,
     }
     for r in range(rounds):
-        _pass_kernel[(n, split)](*common, *scratch, u_col, min_p_col, R=r, **shape)
+        _pass_kernel[(n, split)](
+            *common, *scratch, u_col, min_p_col, R=r, WIDE=min(WIDE_PASSES, rounds - 1), **shape
+        )
     _final_kernel[(n,)](*common, *scratch, token_ids, out, out.stride(0), u_col, min_p_col, **shape)
 
 
