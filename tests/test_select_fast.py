@@ -397,6 +397,8 @@ settings = load_settings(env={}, env_file=None, entropy_source_type="mock_unifor
 table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.0)]
 rows = [RowState.of(SamplingConfig(top_k=k, top_p=p, min_p=m)) for k, p, m in table] * 3
 logits = torch.from_numpy(_logits(rng, "bf16", 12, 900))
+logits[3, 17] = float("inf")  # lse not finite: both modes leave these rows to the fallback
+logits[7, 40:60] = float("nan")
 u = rng.uniform(1e-10, 1 - 1e-10, 12)
 blocks = {}
 for mode in ("kernel", "torch"):
@@ -406,11 +408,15 @@ for mode in ("kernel", "torch"):
     blocks[mode] = (tokens.tolist(), host.tolist())
 (tk, hk), (tt, ht) = blocks["kernel"], blocks["torch"]
 # token, rank, candidates, resolved exactly; probability, temperature and
-# entropy to float rounding (on a GPU the statistics come from other kernels)
+# entropy to float rounding (on a GPU the statistics come from other kernels;
+# the entropy of a row with +inf or NaN logits is NaN in both)
 out["pipeline_same"] = tk == tt and all(
     a[:2] == b[:2]
     and a[3:5] == b[3:5]
-    and all(abs(a[c] - b[c]) <= 1e-5 * abs(b[c]) + 1e-7 for c in (2, 5, 6))
+    and all(
+        abs(a[c] - b[c]) <= 1e-5 * abs(b[c]) + 1e-7 or (a[c] != a[c] and b[c] != b[c])
+        for c in (2, 5, 6)
+    )
     for a, b in zip(hk, ht)
 )
 print(json.dumps(out))
@@ -466,6 +472,43 @@ def test_pipeline_radix_mode_equals_full_sort(strategy: str) -> None:
     checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
     assert checked >= 36
     assert (host[:, 4] == 1).all()  # every row resolved in the one pass
+    pipe.close()
+
+
+def test_pipeline_radix_mode_leaves_non_finite_rows_to_the_fallback() -> None:
+    """Rows with +inf or NaN logits have no finite normaliser: the radix search
+    marks them unresolved and the exact fallback answers them (the full sort's
+    result), while the other rows stay resolved in the one pass."""
+    rng = np.random.default_rng(61)
+    vocab = 500
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    pipe = SamplingPipeline(settings, source=MockUniformSource(seed=3), sink=RecordSink(None))
+    pipe.radix = "torch"
+    rows = [RowState.of(SamplingConfig())] * 6
+    logits = _logits(rng, "peaked", 6, vocab)
+    logits[1, 17] = np.inf
+    logits[3, 40:90] = np.nan
+    u = rng.uniform(1e-10, 1 - 1e-10, 6)
+    token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
+    assert (host[:, 4] == 1).all()  # the fallback resolved the two rows
+    finite = [0, 2, 4, 5]
+    checked = _checked_against_full_sort(
+        logits[finite], [rows[i] for i in finite], u[finite], token_ids[finite], host[finite]
+    )
+    assert checked >= 3
+    # the reference model has no +inf; the full sort puts all mass on the +inf id
+    params = SelectionParams(
+        temperature=torch.from_numpy(host[:, 5]).float(),
+        top_k=torch.zeros(6, dtype=torch.int64),
+        top_p=torch.ones(6, dtype=torch.float64),
+        min_p=torch.zeros(6, dtype=torch.float64),
+        u=torch.from_numpy(u),
+    )
+    ref = select_sorted(torch.from_numpy(logits), params)
+    for i in (1, 3):
+        assert int(token_ids[i]) == int(ref.token_ids[i])
+        assert int(host[i, 1]) == int(ref.rank[i])
+    assert int(token_ids[1]) == 17
     pipe.close()
 
 

@@ -630,8 +630,9 @@ def _device_finish(
             sel, resolved = select_in_head(vals, idx, exact, params, lse, num_finite, sub.shape[-1])
     if use_radix:
         found = select_radix(sub, params, lse, max_logit)
+        finite = torch.isfinite(lse)  # else (+inf or NaN logits) the exact fallback answers
         if use_head:
-            take = radix_eligible(params, sub.shape[-1])
+            take = radix_eligible(params, sub.shape[-1]) & finite
             sel = Selection(
                 *(
                     torch.where(take, getattr(found, f), getattr(sel, f))
@@ -640,7 +641,7 @@ def _device_finish(
             )
             resolved = resolved | take
         else:
-            sel, resolved = found, torch.ones_like(resolved)
+            sel, resolved = found, finite
     cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
     return sel.token_ids, torch.stack([c.double() for c in cols], dim=1)
 
