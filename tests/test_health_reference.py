@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qr_sampler.entropy.health import HealthCutoffs, HealthMonitor, _has_true_run
+from qr_sampler.entropy.health import HealthCutoffs, HealthMonitor
 
 
 class ReferenceMonitor:
@@ -61,15 +61,22 @@ class ReferenceMonitor:
 
 
 def _compare(stream: bytes, cuts: list[int], min_entropy: float, alpha_log2: int) -> None:
+    """Bytes and views (a reply's payload inside its message, as the client passes
+    it) take different paths through the monitor: both must agree with the model."""
     fast = HealthMonitor(min_entropy, alpha_log2)
+    viewed = HealthMonitor(min_entropy, alpha_log2)
     ref = ReferenceMonitor(fast.cutoffs)
     offset = 0
     for n in cuts:
         piece = stream[offset : offset + n]
         offset += n
-        assert fast.check(piece) == ref.check(piece), (offset, n)
-    assert fast.failures == ref.failures
-    assert fast.bytes_tested == ref.bytes_tested
+        expected = ref.check(piece)
+        assert fast.check(piece) == expected, (offset, n)
+        message = b"\x0a\x07" + piece + b"\x10\x01"  # the piece inside a larger buffer
+        assert viewed.check(memoryview(message)[2 : 2 + len(piece)]) == expected, (offset, n)
+    for monitor in (fast, viewed):
+        assert monitor.failures == ref.failures
+        assert monitor.bytes_tested == ref.bytes_tested
 
 
 def _stream(kind: str, size: int, rng: np.random.Generator) -> bytes:
@@ -152,6 +159,27 @@ def test_matches_reference_on_adversarial_streams(params: tuple[float, int]) -> 
             _compare(stream, cuts, *params)
 
 
+def test_matches_reference_across_block_edges() -> None:
+    """Chunks longer than the monitor's block (131,072 bytes): runs and failing
+    windows placed on, just before and just after the block edges."""
+    c = HealthCutoffs.derive()
+    rng = np.random.default_rng(11)
+    base = rng.integers(0, 256, 300_000, dtype=np.uint8)
+    base[1:][base[1:] == base[:-1]] ^= 1  # no repeats at all
+    clean = base.tobytes()
+    window = _apt_window(c, c.apt)
+    for edge in (131_072, 262_144):
+        for shift in range(-c.rct - 1, 3):
+            at = edge + shift
+            for length in (c.rct - 1, c.rct):
+                stream = clean[:at] + bytes([7]) * length + clean[at + length :]
+                _compare(stream, [len(stream)], 6.0, 30)
+        aligned = edge - edge % c.window  # windows count from the chunk's start
+        stream = clean[:aligned] + window + clean[aligned + len(window) :]
+        _compare(stream, [len(stream)], 6.0, 30)
+        _compare(stream, [100, len(stream) - 100], 6.0, 30)
+
+
 def _apt_window(c: HealthCutoffs, hits: int) -> bytes:
     """A window whose first byte occurs ``hits`` times, never twice in a row."""
     w = np.arange(c.window, dtype=np.int64) % 200 + 20
@@ -159,13 +187,3 @@ def _apt_window(c: HealthCutoffs, hits: int) -> bytes:
     spots = np.arange(2, c.window, 2)[: hits - 1]
     w[spots] = 0
     return w.astype(np.uint8).tobytes()
-
-
-@settings(max_examples=300, deadline=None)
-@given(mask=st.lists(st.booleans(), max_size=60), k=st.integers(1, 20))
-def test_has_true_run_matches_a_scan(mask: list[bool], k: int) -> None:
-    longest = run = 0
-    for bit in mask:
-        run = run + 1 if bit else 0
-        longest = max(longest, run)
-    assert _has_true_run(np.array(mask, dtype=bool), k) == (longest >= k)

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import re
@@ -162,6 +163,10 @@ class _Timeout(EntropyUnavailableError):
     """The call's deadline passed (enters the breaker's latency window)."""
 
 
+def _timeout(timeout_s: float, path: str) -> _Timeout:
+    return _Timeout(f"no reply within the {timeout_s * 1000:.0f} ms deadline ({path})")
+
+
 def _rpc_error(exc: grpc.RpcError, path: str, timeout_s: float) -> EntropyError:
     """Translate a gRPC failure into the documented entropy error."""
     code: grpc.StatusCode | None = None
@@ -171,7 +176,7 @@ def _rpc_error(exc: grpc.RpcError, path: str, timeout_s: float) -> EntropyError:
         details = exc.details() or ""
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return _Timeout(f"no reply within the {timeout_s * 1000:.0f} ms deadline ({path})")
+        return _timeout(timeout_s, path)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthenticationError(
             f"server refused the credentials ({name}: {details}); check QR_GRPC_API_KEY "
@@ -208,55 +213,117 @@ def _check_reply(reply: Reply, size: int, seq: int | None) -> Reply:
 
 
 class _Waiter:
-    """One request in flight on the bidi stream.
+    """One request in flight on the bidi stream; its fields are guarded by the stream's lock.
 
-    Resolved exactly once (by the reader or by :meth:`_BidiStream.fail`, whichever
-    takes it out of the pending map): :meth:`resolve` releases a lock taken at
-    creation, which :meth:`wait` acquires — lighter than an ``Event`` on the hot
-    path (no condition variable, no Python-level waiter list).
+    A waiter that parks (waits for another caller to read its reply) is woken
+    exactly once, by releasing a lock taken at creation — when its reply or the
+    stream's failure arrives, or when it is handed the reading of the stream
+    (``promoted``).
     """
 
-    __slots__ = ("_done", "error", "reply", "seq", "size")
+    __slots__ = ("error", "parked", "promoted", "reply", "seq", "size", "wake")
 
     def __init__(self, seq: int, size: int) -> None:
         self.seq = seq
         self.size = size
-        self._done = threading.Lock()
-        self._done.acquire()
+        self.wake = threading.Lock()
+        self.wake.acquire()
         self.reply: Reply | None = None
         self.error: EntropyError | None = None
+        self.parked = False
+        self.promoted = False
 
-    def resolve(self) -> None:
-        self._done.release()
+    @property
+    def done(self) -> bool:
+        return self.reply is not None or self.error is not None
 
-    def wait(self, timeout_s: float) -> bool:
-        """True once resolved; False when ``timeout_s`` passed first."""
-        return self._done.acquire(timeout=max(0.0, timeout_s))
+
+class _ReadDeadline:
+    """Fails the stream when the caller reading it passes its deadline.
+
+    A reader blocks inside gRPC's response iterator, which has no timeout of its
+    own. One thread per stream sleeps until the current read's deadline and is
+    woken only when a read starts with an earlier deadline than the one it
+    sleeps towards (the first read after an idle spell, or a shorter adaptive
+    timeout) — not once per reply. It ends with the stream.
+    """
+
+    def __init__(self, stream: _BidiStream) -> None:
+        self._stream = stream
+        self._cond = threading.Condition(threading.Lock())
+        self._deadline: float | None = None  # of the read in progress
+        self._timeout_s = 0.0
+        self._until = math.inf  # when the thread wakes next (while waiting)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="qr-grpc-deadline", daemon=True)
+        self._thread.start()
+
+    def arm(self, deadline: float, timeout_s: float) -> None:
+        with self._cond:
+            self._deadline = deadline
+            self._timeout_s = timeout_s
+            if deadline < self._until:
+                self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def join(self, wait_s: float) -> None:
+        if threading.current_thread() is not self._thread:
+            self._thread.join(wait_s)
+
+    def _run(self) -> None:
+        with self._cond:
+            # ends when stopped (with the stream) or once it has failed the stream;
+            # each turn waits for a deadline or a notification
+            while not self._stopped:
+                now = time.monotonic()
+                deadline = self._deadline
+                if deadline is not None and now >= deadline:
+                    timeout_s = self._timeout_s
+                    break
+                self._until = math.inf if deadline is None else deadline
+                self._cond.wait(None if deadline is None else deadline - now)
+                self._until = -math.inf  # awake: it reads the deadline before waiting again
+            else:
+                return
+        self._stream.fail(_timeout(timeout_s, self._stream.path))
 
 
 class _BidiStream:
     """A persistent bidirectional stream: writes requests, matches replies.
 
-    A reader thread resolves waiters: by sequence id for the ``qr_entropy``
-    protocol, in order otherwise. A reply that matches nothing, a malformed
-    reply, a broken stream or a timeout fails every waiter and closes the
-    stream; the source then opens a new one on the next fetch.
+    No thread of its own reads the replies: a caller waiting for a reply reads
+    the stream itself when nobody else is reading it (no hand-off between
+    threads), resolving whatever replies come — by sequence id for the
+    ``qr_entropy`` protocol, in order otherwise — until its own have come; it
+    then hands the reading to a parked waiter, if any. A :class:`_ReadDeadline`
+    bounds the reader's wait; a parked waiter bounds its own. A reply that
+    matches nothing, a malformed reply, a broken stream or a timeout fails every
+    waiter and closes the stream; the source then opens a new one on the next
+    fetch.
     """
 
     def __init__(
         self, call_factory: Any, metadata: tuple[tuple[str, str], ...], extended: bool, path: str
     ) -> None:
         self._extended = extended
-        self._path = path
+        self.path = path
         self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._pending: dict[int, _Waiter] = {}  # insertion-ordered
         self._lock = threading.Lock()
+        self._reading = False  # a caller is reading replies
         self.closed = False
         #: the failure that closed the stream
         self.error: EntropyError | None = None
         self._call = call_factory(self._request_iter(), metadata=metadata)
-        self._reader = threading.Thread(target=self._read, name="qr-grpc-stream", daemon=True)
-        self._reader.start()
+        self._deadline = _ReadDeadline(self)
 
     def _request_iter(self) -> Iterator[bytes]:
         while True:
@@ -264,6 +331,11 @@ class _BidiStream:
             if item is None:
                 return
             yield item
+
+    @property
+    def usable(self) -> bool:
+        """Open, and its call not ended by the server or the network while idle."""
+        return not self.closed and bool(self._call.is_active())
 
     def submit(self, seq: int, size: int, payload: bytes) -> _Waiter:
         waiter = _Waiter(seq, size)
@@ -276,21 +348,77 @@ class _BidiStream:
             self._requests.put(payload)
         return waiter
 
-    def _read(self) -> None:
+    def collect(self, waiters: list[_Waiter], deadline: float, timeout_s: float) -> list[Reply]:
+        """Wait for the waiters' replies (reading the stream when nobody else is)."""
+        replies: list[Reply] = []
+        for waiter in waiters:
+            # at most three turns: lead (returns with the reply or the failure), or
+            # park and be woken with it, or be woken to lead
+            for _turn in range(3):
+                with self._lock:
+                    if waiter.done:
+                        break
+                    lead = waiter.promoted or not self._reading
+                    if lead:
+                        waiter.promoted = False
+                        self._reading = True
+                    else:
+                        waiter.parked = True
+                if lead:
+                    self._lead(waiters, deadline, timeout_s)
+                elif not waiter.wake.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    with self._lock:
+                        timed_out = waiter.parked
+                        waiter.parked = False
+                    if timed_out:
+                        error = _timeout(timeout_s, self.path)
+                        self.fail(error)  # a stalled stream is replaced on the next fetch
+                        raise error
+                    waiter.wake.acquire()  # woken just as the wait timed out: released already
+            else:  # unreachable: three turns always settle a waiter
+                raise EntropyUnavailableError("bidi stream: a reply was neither read nor failed")
+            if waiter.error is not None:  # shared by every waiter of the stream: copy it
+                raise type(waiter.error)(*waiter.error.args)
+            assert waiter.reply is not None
+            replies.append(waiter.reply)
+        return replies
+
+    def _lead(self, mine: list[_Waiter], deadline: float, timeout_s: float) -> None:
+        """Read replies until every waiter of ``mine`` has its own, or the stream fails."""
+        self._deadline.arm(deadline, timeout_s)
         try:
-            for raw in self._call:
-                self._on_reply(raw)
-                if self.closed:
-                    return
-            self.fail(EntropyUnavailableError(f"server ended the stream ({self._path})"))
-        except grpc.RpcError as exc:
-            self.fail(_rpc_error(exc, self._path, 0.0))
-        except Exception as exc:  # never let the reader die silently
+            for waiter in mine:
+                # each turn takes one reply off the stream or ends it (failing every
+                # waiter); the deadline thread bounds the wait
+                while not waiter.done:
+                    try:
+                        raw = next(self._call)
+                    except StopIteration:
+                        self.fail(EntropyUnavailableError(f"server ended the stream ({self.path})"))
+                    except grpc.RpcError as exc:
+                        self.fail(_rpc_error(exc, self.path, 0.0))
+                    else:
+                        self._on_reply(raw)
+        except BaseException as exc:  # never leave the stream half-read
             self.fail(EntropyUnavailableError(f"stream reader failed: {exc!r}"))
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._deadline.disarm()
+            with self._lock:
+                self._reading = False
+                if not self.closed:  # a closed stream has woken all its waiters
+                    for other in self._pending.values():  # oldest first
+                        if other.parked:
+                            other.parked = False
+                            other.promoted = True
+                            self._reading = True
+                            other.wake.release()
+                            break
 
     def _on_reply(self, raw: bytes) -> None:
         try:
-            reply = decode_response(raw, extended=self._extended)
+            reply = decode_response(raw, extended=self._extended, copy=False)
         except EntropyReplyError as exc:
             self.fail(exc)
             return
@@ -301,18 +429,20 @@ class _BidiStream:
                 waiter = self._pending.pop(reply.sequence_id or 0, None)
             else:
                 waiter = self._pending.pop(next(iter(self._pending)))
-        if waiter is None:
-            self.fail(
-                EntropyReplyError(
-                    f"wrong sequence id: reply carries {reply.sequence_id or 0}, "
-                    "which matches no request in flight"
-                    if self._extended
-                    else "unexpected reply: no request in flight"
-                )
+            if waiter is not None:
+                waiter.reply = reply
+                if waiter.parked:
+                    waiter.parked = False
+                    waiter.wake.release()
+                return
+        self.fail(
+            EntropyReplyError(
+                f"wrong sequence id: reply carries {reply.sequence_id or 0}, "
+                "which matches no request in flight"
+                if self._extended
+                else "unexpected reply: no request in flight"
             )
-            return
-        waiter.reply = reply
-        waiter.resolve()
+        )
 
     def fail(self, error: EntropyError) -> None:
         """Fail every waiter with ``error`` and close the stream."""
@@ -323,18 +453,21 @@ class _BidiStream:
             self.closed = True
             if self.error is None:
                 self.error = error
-        for waiter in waiters:
-            waiter.error = error
-            waiter.resolve()
+            for waiter in waiters:
+                waiter.error = error
+                if waiter.parked:
+                    waiter.parked = False
+                    waiter.wake.release()
         if not already:
+            self._deadline.stop()
             self._requests.put(None)
             self._call.cancel()
 
     def close(self, wait_s: float = 0.0) -> None:
-        """Cancel the stream; wait up to ``wait_s`` for its reader to finish."""
+        """Cancel the stream; wait up to ``wait_s`` for its deadline thread to end."""
         self.fail(EntropyUnavailableError("stream closed by the client"))
-        if wait_s > 0 and threading.current_thread() is not self._reader:
-            self._reader.join(wait_s)
+        if wait_s > 0:
+            self._deadline.join(wait_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,7 +673,9 @@ class QuantumGrpcSource(EntropySource):
     def _get_stream(self) -> _BidiStream:
         with self._lock:
             stream = self._stream
-            if stream is None or stream.closed:
+            if stream is None or not stream.usable:
+                if stream is not None:
+                    stream.close()  # ended while idle: replace it rather than fail a fetch
                 stream = _BidiStream(
                     self._get_callable(), self._metadata, self.extended, self.method_path
                 )
@@ -638,7 +773,8 @@ class QuantumGrpcSource(EntropySource):
                 )
             except grpc.RpcError as exc:
                 raise _rpc_error(exc, self.method_path, timeout) from None
-            return [_check_reply(decode_response(raw, extended=self.extended), piece.size, seq)]
+            reply = decode_response(raw, extended=self.extended, copy=False)
+            return [_check_reply(reply, piece.size, seq)]
         futures = [
             (
                 piece,
@@ -657,7 +793,7 @@ class QuantumGrpcSource(EntropySource):
                     raw = future.result()
                 except grpc.RpcError as exc:
                     raise _rpc_error(exc, self.method_path, timeout) from None
-                reply = decode_response(raw, extended=self.extended)
+                reply = decode_response(raw, extended=self.extended, copy=False)
                 replies.append(_check_reply(reply, piece.size, self._seq_or_none(piece)))
         except EntropyError:
             for _, future in futures:
@@ -671,13 +807,13 @@ class QuantumGrpcSource(EntropySource):
             timeout=timeout,
             metadata=self._metadata,
         )
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         got = 0
         stamps: list[int] = []
         device: str | None = None
         try:
             for raw in call:
-                reply = decode_response(raw, extended=self.extended)
+                reply = decode_response(raw, extended=self.extended, copy=False)
                 seq = self._seq_or_none(piece)
                 if seq is not None and (reply.sequence_id or 0) != seq:
                     raise EntropyReplyError(
@@ -724,28 +860,21 @@ class QuantumGrpcSource(EntropySource):
             )
             for piece in pieces
         ]
-        deadline = time.monotonic() + timeout
-        replies: list[Reply] = []
-        for waiter in waiters:
-            if not waiter.wait(deadline - time.monotonic()):
-                error = _Timeout(
-                    f"no reply within the {timeout * 1000:.0f} ms deadline ({self.method_path})"
-                )
-                stream.fail(error)  # a stalled stream is replaced on the next fetch
-                raise error
-            if waiter.error is not None:  # shared by every waiter of the stream: copy it
-                raise type(waiter.error)(*waiter.error.args)
-            assert waiter.reply is not None
-            replies.append(_check_reply(waiter.reply, waiter.size, None))  # matched by seq
-        return replies
+        replies = stream.collect(waiters, time.monotonic() + timeout, timeout)
+        # matched by sequence id (or order): the size is what is left to check
+        return [
+            _check_reply(reply, piece.size, None)
+            for reply, piece in zip(replies, pieces, strict=True)
+        ]
 
     def _cut(
         self, sizes: list[int], replies: list[Reply], health: str, latency_ns: int
     ) -> list[EntropyChunk]:
         """Cut the replies (in order) into one chunk per row, with provenance.
 
-        A row inside one reply is sliced from it (one copy; none when the row is
-        the whole reply); only a row that spans replies joins their pieces."""
+        The replies' payloads are views of the received messages (never copied
+        when decoded): a row inside one reply is one copy out of it (none when it
+        is a whole ``bytes`` payload); a row that spans replies joins their pieces."""
         chunks: list[EntropyChunk] = []
         name, extended, address = self.name, self.extended, self.address
         index = 0  # the reply holding the row's first byte
@@ -755,7 +884,8 @@ class QuantumGrpcSource(EntropySource):
             buf = head.data
             stamp = head.generation_timestamp_ns or 0
             if pos + n <= len(buf):  # the usual case: within one reply
-                data = buf if pos == 0 and n == len(buf) else buf[pos : pos + n]
+                part = buf if pos == 0 and n == len(buf) else buf[pos : pos + n]
+                data = part if isinstance(part, bytes) else bytes(part)
                 pos += n
             else:  # spans replies: join their pieces, keep the earliest stamp
                 parts = [buf[pos:]]

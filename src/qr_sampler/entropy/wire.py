@@ -56,9 +56,12 @@ def encode_request(count: int, sequence_id: int | None = None) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A decoded response (``None``: the field was absent)."""
+    """A decoded response (``None``: the field was absent).
 
-    data: bytes
+    ``data`` is ``bytes``, or with ``decode_response(..., copy=False)`` a read-only
+    ``memoryview`` into the message (no copy of the payload)."""
+
+    data: bytes | memoryview
     sequence_id: int | None = None
     generation_timestamp_ns: int | None = None
     device_id: str | None = None
@@ -89,9 +92,12 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def decode_response(buf: bytes, *, extended: bool) -> Reply:
-    """Decode a response; ``extended``: read the ``qr_entropy`` fields 2-4 too."""
-    data = b""
+def decode_response(buf: bytes, *, extended: bool, copy: bool = True) -> Reply:
+    """Decode a response; ``extended``: read the ``qr_entropy`` fields 2-4 too.
+
+    ``copy=False``: ``data`` is a view of ``buf`` instead of a copy (for a large
+    payload that is cut into rows anyway)."""
+    data_at = (0, 0)  # field 1's bytes: buf[start:end]
     seq: int | None = None
     stamp: int | None = None
     device: str | None = None
@@ -101,7 +107,7 @@ def decode_response(buf: bytes, *, extended: bool) -> Reply:
         field, wire = key >> 3, key & 7
         if field == 0:
             raise _malformed("field number 0")
-        value: int | bytes
+        value: int | tuple[int, int]
         if wire == _VARINT:
             value, pos = _varint(buf, pos)
         elif wire == _I64:
@@ -116,15 +122,15 @@ def decode_response(buf: bytes, *, extended: bool) -> Reply:
             length, pos = _varint(buf, pos)
             if length > end - pos:
                 raise _malformed(f"field {field} claims {length} bytes, {end - pos} remain")
-            value, pos = buf[pos : pos + length], pos + length
+            value, pos = (pos, pos + length), pos + length
         else:
             raise _malformed(f"unsupported wire type {wire} (field {field})")
 
         if field == 1:
             if wire != _LEN:
                 raise _malformed("field 1 is not a bytes field")
-            assert isinstance(value, bytes)
-            data = value  # protobuf semantics: the last occurrence wins
+            assert isinstance(value, tuple)
+            data_at = value  # protobuf semantics: the last occurrence wins
         elif extended and field in (2, 3):
             if wire != _VARINT:
                 raise _malformed(f"field {field} is not an integer")
@@ -136,11 +142,13 @@ def decode_response(buf: bytes, *, extended: bool) -> Reply:
         elif extended and field == 4:
             if wire != _LEN:
                 raise _malformed("field 4 (device_id) is not a string")
-            assert isinstance(value, bytes)
+            assert isinstance(value, tuple)
             try:
-                device = value.decode("utf-8")
+                device = buf[value[0] : value[1]].decode("utf-8")
             except UnicodeDecodeError:
                 raise _malformed("device_id is not UTF-8") from None
+    start, stop = data_at
+    data = buf[start:stop] if copy else memoryview(buf)[start:stop]
     return Reply(data=data, sequence_id=seq, generation_timestamp_ns=stamp, device_id=device)
 
 

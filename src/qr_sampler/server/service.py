@@ -65,6 +65,8 @@ if TYPE_CHECKING:
 else:
     _Interceptor = grpc.aio.ServerInterceptor
 
+_Response = entropy_pb2.EntropyResponse
+
 #: method-path prefixes that need no API key
 OPEN_SERVICES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -196,7 +198,8 @@ class _Sender:
         self._pending: asyncio.Future[None] | None = None
 
     async def send(self, reply: Any, size: int) -> None:
-        await self.flush()
+        if self._pending is not None:
+            await self.flush()
         if size < PIPELINE_MIN_BYTES:
             await self._context.write(reply)
             return
@@ -240,6 +243,8 @@ class EntropyServer:
         self.options = options or ServerOptions()
         self._generate = generate
         self._is_async = inspect.iscoroutinefunction(generate)
+        #: a plain generate called on the event loop itself
+        self._inline = not self._is_async and not self.options.offload
         self._is_healthy = is_healthy
         self._close = close
         self.device_id = self.options.device_id or f"{source_name}@{socket.gethostname()}"
@@ -295,13 +300,14 @@ class EntropyServer:
         self, n: int, context: grpc.aio.ServicerContext[Any, Any], sender: _Sender | None = None
     ) -> bytes:
         """Generate ``n`` bytes now, check them, or abort the call."""
+        data: Any  # checked below: whatever generate returned
         try:
-            if self._is_async:
-                data = await self._generate(n)  # type: ignore[misc]
-            elif self.options.offload:
-                data = await asyncio.to_thread(self._generate, n)
-            else:
+            if self._inline:
                 data = self._generate(n)
+            elif self._is_async:
+                data = await self._generate(n)  # type: ignore[misc]
+            else:
+                data = await asyncio.to_thread(self._generate, n)
         except Exception as exc:
             self._count("failed:device")
             logger.error("generate(%d) failed: %r", n, exc)
@@ -318,9 +324,9 @@ class EntropyServer:
                 grpc.StatusCode.INTERNAL,
                 f"entropy device returned {size} bytes for a request of {n}",
             )
-        data = bytes(data)
+        out: bytes = data if type(data) is bytes else bytes(data)
         if self.monitor is not None:
-            failed = self.monitor.check(data)
+            failed = self.monitor.check(out)
             if failed is not None:
                 self._count(f"failed:health_{failed}")
                 self._tests_ok = False
@@ -337,7 +343,7 @@ class EntropyServer:
                 self._tests_ok = True
                 await self._publish()
         self._count("bytes", n)
-        return data
+        return out
 
     async def _response(
         self,
@@ -347,7 +353,7 @@ class EntropyServer:
         sender: _Sender | None = None,
     ) -> Any:
         data = await self._bytes(n, context, sender)
-        return entropy_pb2.EntropyResponse(
+        return _Response(
             data=data,
             sequence_id=seq,
             generation_timestamp_ns=time.time_ns(),
@@ -374,15 +380,16 @@ class EntropyServer:
     ) -> None:
         await self._enter_stream(context)
         sender = _Sender(context)
+        cap = self.options.max_bytes
         try:
             async for request in request_iterator:
                 self._count("requests")
-                await self._checked_size(request.bytes_needed, context, sender)
-                reply = await self._response(
-                    request.bytes_needed, request.sequence_id, context, sender
-                )
+                n = request.bytes_needed
+                if not 1 <= n <= cap:
+                    await self._checked_size(n, context, sender)  # aborts
+                reply = await self._response(n, request.sequence_id, context, sender)
                 # a large reply is still being sent while the next request is answered
-                await sender.send(reply, request.bytes_needed)
+                await sender.send(reply, n)
             await sender.flush()
         finally:
             sender.cancel()
