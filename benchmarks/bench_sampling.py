@@ -18,7 +18,8 @@ Columns (median ms per step): ``native``; ``math`` = the pipeline's device stage
 null sink). Ratios are against ``native`` of the same run. On CUDA the number of
 host<->device syncs of one step is counted with torch's sync debug mode, and
 ``fallback`` is the mean number of rows per step the chunked head could not
-resolve (each such step costs a second, small sync).
+resolve (each such step costs a second, small sync; 0 where the radix search
+answers those rows: no top-k/top-p on CUDA, unless ``--radix off``).
 
 Run: ``python -m benchmarks.bench_sampling [--device cuda] [--batches 1,8,64,256]``.
 """
@@ -256,7 +257,11 @@ def _measure(
     cells.update(interleaved_ms(fns, setup=case.refill, iters=iters, budget_s=budget_s))
     cells["math_ratio"] = cells["math_ms"] / cells["native_ms"]
     cells["step_ratio"] = cells["step_ms"] / cells["native_ms"]
-    cells["fallback_rows"] = _unresolved_rows(case.sources, case.config, case.u)
+    radix_rows = case.config.top_k <= 0 and case.config.top_p >= 1.0
+    if radix_rows and case.pipe._radix_mode(case.device) != "off":
+        cells["fallback_rows"] = 0.0  # the radix search answers every row in the one pass
+    else:
+        cells["fallback_rows"] = _unresolved_rows(case.sources, case.config, case.u)
     if case.device.type == "cuda":
         case.refill()
         cells["syncs_native"] = count_syncs(fns["native_ms"])
@@ -267,7 +272,7 @@ def _measure(
 
 
 def _unresolved_rows(sources: list[torch.Tensor], config: SamplingConfig, u: np.ndarray) -> float:
-    """Mean rows per step that the chunked head leaves to the full sort."""
+    """Mean rows per step that the chunked head leaves to the exact fallback."""
     total = 0
     for logits in sources:
         b = logits.shape[0]
