@@ -10,12 +10,16 @@ places, under several cutoffs.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qr_sampler.entropy.health import HealthCutoffs, HealthMonitor
+from qr_sampler.entropy import health
+from qr_sampler.entropy.health import HealthCutoffs, HealthMonitor, _has_true_run
 
 
 class ReferenceMonitor:
@@ -60,23 +64,37 @@ class ReferenceMonitor:
         return failed
 
 
+@contextlib.contextmanager
+def _small_chunk(limit: int) -> Iterator[None]:
+    saved = health.SMALL_CHUNK
+    health.SMALL_CHUNK = limit
+    try:
+        yield
+    finally:
+        health.SMALL_CHUNK = saved
+
+
 def _compare(stream: bytes, cuts: list[int], min_entropy: float, alpha_log2: int) -> None:
-    """Bytes and views (a reply's payload inside its message, as the client passes
-    it) take different paths through the monitor: both must agree with the model."""
-    fast = HealthMonitor(min_entropy, alpha_log2)
-    viewed = HealthMonitor(min_entropy, alpha_log2)
-    ref = ReferenceMonitor(fast.cutoffs)
-    offset = 0
-    for n in cuts:
-        piece = stream[offset : offset + n]
-        offset += n
-        expected = ref.check(piece)
-        assert fast.check(piece) == expected, (offset, n)
-        message = b"\x0a\x07" + piece + b"\x10\x01"  # the piece inside a larger buffer
-        assert viewed.check(memoryview(message)[2 : 2 + len(piece)]) == expected, (offset, n)
-    for monitor in (fast, viewed):
-        assert monitor.failures == ref.failures
-        assert monitor.bytes_tested == ref.bytes_tested
+    """Every path through the monitor must agree with the model: bytes and views
+    (a reply's payload inside its message, as the client passes it), small chunks
+    on the light path and, with the limit at 0, on the block path."""
+    for limit in (health.SMALL_CHUNK, 0):
+        with _small_chunk(limit):
+            fast = HealthMonitor(min_entropy, alpha_log2)
+            viewed = HealthMonitor(min_entropy, alpha_log2)
+            ref = ReferenceMonitor(fast.cutoffs)
+            offset = 0
+            for n in cuts:
+                piece = stream[offset : offset + n]
+                offset += n
+                expected = ref.check(piece)
+                assert fast.check(piece) == expected, (limit, offset, n)
+                message = b"\x0a\x07" + piece + b"\x10\x01"  # inside a larger buffer
+                view = memoryview(message)[2 : 2 + len(piece)]
+                assert viewed.check(view) == expected, (limit, offset, n)
+            for monitor in (fast, viewed):
+                assert monitor.failures == ref.failures
+                assert monitor.bytes_tested == ref.bytes_tested
 
 
 def _stream(kind: str, size: int, rng: np.random.Generator) -> bytes:
@@ -187,3 +205,13 @@ def _apt_window(c: HealthCutoffs, hits: int) -> bytes:
     spots = np.arange(2, c.window, 2)[: hits - 1]
     w[spots] = 0
     return w.astype(np.uint8).tobytes()
+
+
+@settings(max_examples=300, deadline=None)
+@given(mask=st.lists(st.booleans(), max_size=60), k=st.integers(1, 20))
+def test_has_true_run_matches_a_scan(mask: list[bool], k: int) -> None:
+    longest = run = 0
+    for bit in mask:
+        run = run + 1 if bit else 0
+        longest = max(longest, run)
+    assert _has_true_run(np.array(mask, dtype=bool), k) == (longest >= k)

@@ -250,7 +250,8 @@ class _ReadDeadline:
 
     def __init__(self, stream: _BidiStream) -> None:
         self._stream = stream
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._deadline: float | None = None  # of the read in progress
         self._timeout_s = 0.0
         self._until = math.inf  # when the thread wakes next (while waiting)
@@ -259,14 +260,14 @@ class _ReadDeadline:
         self._thread.start()
 
     def arm(self, deadline: float, timeout_s: float) -> None:
-        with self._cond:
+        with self._mutex:
             self._deadline = deadline
             self._timeout_s = timeout_s
             if deadline < self._until:
                 self._cond.notify()
 
     def disarm(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._deadline = None
 
     def stop(self) -> None:
@@ -671,6 +672,9 @@ class QuantumGrpcSource(EntropySource):
             return self._callable
 
     def _get_stream(self) -> _BidiStream:
+        stream = self._stream
+        if stream is not None and stream.usable:
+            return stream
         with self._lock:
             stream = self._stream
             if stream is None or not stream.usable:
@@ -729,8 +733,10 @@ class QuantumGrpcSource(EntropySource):
                     break
                 continue
             self.breaker.record_success((time.perf_counter_ns() - start) / 1e9)
-            self._count("ok")
-            self._count("bytes", sum(sizes))
+            with self._lock:
+                counters = self.counters
+                counters["ok"] += 1
+                counters["bytes"] += sum(sizes)
             return chunks
         assert last_error is not None
         raise last_error
@@ -740,9 +746,12 @@ class QuantumGrpcSource(EntropySource):
             self.counters[key] += n
 
     def _attempt(self, sizes: list[int], timeout: float, start: int) -> list[EntropyChunk]:
-        pieces = [
-            _Piece(next(self._seq), n) for n in split_sizes(sum(sizes), self.max_bytes_per_request)
-        ]
+        total = sum(sizes)
+        if total <= self.max_bytes_per_request:  # the usual case: one request
+            pieces = [_Piece(next(self._seq), total)]
+        else:
+            cap = self.max_bytes_per_request
+            pieces = [_Piece(next(self._seq), n) for n in split_sizes(total, cap)]
         self._count("requests", len(pieces))
         if self.mode == "bidi_streaming":
             replies = self._fetch_bidi(pieces, timeout)

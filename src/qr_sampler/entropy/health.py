@@ -161,6 +161,39 @@ class HealthCutoffs:
 #: bytes examined per block: every pass of a block stays in the CPU cache, and the
 #: scratch arrays (allocated once per monitor) stay small
 _BLOCK: int = 131_072  # a multiple of APT_WINDOW
+#: chunks up to this size (a token's bytes) take the light path: few calls, each
+#: cheap with cold caches (a server between requests, where the array passes of
+#: the block path cost several times their warm time); larger chunks take the
+#: block path, whose per-byte cost is lower
+SMALL_CHUNK: int = 32_768
+
+
+def _has_true_run(
+    mask: np.ndarray, k: int, scratch: tuple[np.ndarray, np.ndarray] | None = None
+) -> bool:
+    """True when the 1-D boolean ``mask`` holds ``k >= 1`` consecutive True values.
+
+    Doubling: after each step ``cur[i]`` says whether ``mask[i : i + length]`` is
+    all True; a final overlapping step reaches exactly ``k``. About
+    ``log2(k) + 1`` whole-array passes, never a Python loop over the data.
+    ``scratch``: two writable boolean arrays of at least ``mask.size`` elements,
+    written alternately (the first must not share memory with ``mask``).
+    """
+    if mask.size < k:
+        return False
+    if scratch is None:
+        scratch = (np.empty(mask.size, dtype=bool), np.empty(mask.size, dtype=bool))
+    cur, length, turn = mask, 1, 0
+    while 2 * length <= k:  # at most log2(k) steps
+        size = cur.size - length
+        cur = np.logical_and(cur[:size], cur[length:], out=scratch[turn][:size])
+        length *= 2
+        turn ^= 1
+    rest = k - length  # 0 <= rest < length: the two spans overlap or touch
+    if rest:
+        size = cur.size - rest
+        cur = np.logical_and(cur[:size], cur[rest:], out=scratch[turn][:size])
+    return bool(cur.any())
 
 
 def _first_value_counts(windows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -188,13 +221,14 @@ class HealthMonitor:
         self.bytes_tested = 0
         self.failures: dict[str, int] = {"rct": 0, "apt": 0}
         self._lock = threading.Lock()
-        # scratch for one block (used under the lock): the equal-neighbour mask is
-        # written into a bytearray, so that a run of Trues is one substring search
+        # scratch arrays for one block (used under the lock)
         span = _BLOCK + self.cutoffs.rct
-        self._eq = bytearray(span)
+        self._scratch = tuple(np.empty(span, dtype=bool) for _ in range(3))
+        # light path: the equal-neighbour mask goes into a bytearray, where a run of
+        # C_rct equal bytes (C_rct - 1 equal pairs) is one substring search
+        self._eq = bytearray(SMALL_CHUNK)
         self._eq_mask = np.frombuffer(self._eq, dtype=bool)
-        self._needle = b"\x01" * (self.cutoffs.rct - 1)  # C_rct equal bytes: C_rct - 1 equal pairs
-        self._hits = np.empty(_BLOCK, dtype=bool)
+        self._needle = b"\x01" * (self.cutoffs.rct - 1)
         self._reset()
 
     def _reset(self) -> None:
@@ -236,19 +270,22 @@ class HealthMonitor:
         return False
 
     def _interior_run(self, arr: np.ndarray, k: int) -> bool:
-        """True when ``arr`` holds ``k + 1`` equal bytes in a row, block by block.
+        """True when ``arr`` holds ``k + 1`` equal bytes in a row.
 
-        Per block: one pass writes the equal-neighbour mask into a bytearray, and
-        a search for ``k`` consecutive True bytes in it finds the run (two calls
-        in all: fewer passes than shifted ANDs, which matters most when the
-        caches are cold, as on a server between requests). Blocks overlap by
-        ``k`` bytes, so a run crossing a block edge is seen."""
-        mask, eq = self._eq_mask, self._eq
+        Light path (``arr.size <= SMALL_CHUNK``): one pass writes the
+        equal-neighbour mask into a bytearray and a substring search finds ``k``
+        True bytes in a row in it — two calls. Block path: per block, the mask
+        and :func:`_has_true_run`'s shifted ANDs; blocks overlap by ``k`` bytes,
+        so a run crossing a block edge is seen."""
+        if arr.size <= SMALL_CHUNK:
+            m = arr.size - 1
+            np.equal(arr[1:], arr[:-1], out=self._eq_mask[:m])
+            return self._eq.find(self._needle, 0, m) >= 0
+        eq_buf, spare_a, spare_b = self._scratch
         for start in range(0, arr.size - k, _BLOCK):  # ceil(size / _BLOCK) blocks at most
             seg = arr[start : start + _BLOCK + k]
-            m = seg.size - 1
-            np.equal(seg[1:], seg[:-1], out=mask[:m])
-            if eq.find(self._needle, 0, m) >= 0:
+            eq = np.equal(seg[1:], seg[:-1], out=eq_buf[: seg.size - 1])
+            if _has_true_run(eq, k, (spare_a, spare_b)):
                 return True
         return False
 
@@ -267,15 +304,14 @@ class HealthMonitor:
             start = need
         full = (len(data) - start) // w
         end = start + full * w
-        if full and isinstance(data, bytes):
-            # one C-level count per window, no Python loop: far lighter than the
-            # array passes below when the caches are cold (a server between requests)
+        if full and isinstance(data, bytes) and len(data) <= SMALL_CHUNK:
+            # light path: one C-level count per window (no Python loop)
             firsts = data[start:end:w]
             counts = map(data.count, firsts, range(start, end, w), range(start + w, end + w, w))
             worst = max(worst, max(counts))
         elif full:
             rows = max(1, _BLOCK // w)  # windows per block
-            hits = self._hits
+            hits = self._scratch[0]
             for first_row in range(0, full, rows):  # ceil(full / rows) blocks at most
                 count = min(rows, full - first_row)
                 lo = start + first_row * w
