@@ -76,9 +76,8 @@ import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import grpc
 
@@ -356,6 +355,8 @@ class _BidiStream:
             # at most three turns: lead (returns with the reply or the failure), or
             # park and be woken with it, or be woken to lead
             for _turn in range(3):
+                if waiter.done:  # set once, under the lock, never unset
+                    break
                 with self._lock:
                     if waiter.done:
                         break
@@ -471,8 +472,9 @@ class _BidiStream:
             self._deadline.join(wait_s)
 
 
-@dataclass(frozen=True, slots=True)
-class _Piece:
+class _Piece(NamedTuple):
+    """One request: its sequence id and byte count."""
+
     seq: int
     size: int
 
@@ -703,10 +705,10 @@ class QuantumGrpcSource(EntropySource):
     # -- fetching ------------------------------------------------------------
     def fetch(self, sizes: Sequence[int]) -> list[EntropyChunk]:
         sizes = list(sizes)
-        if any(n < 1 for n in sizes):
-            raise ValueError(f"every size must be >= 1; got {sizes}")
         if not sizes:
             return []
+        if min(sizes) < 1:
+            raise ValueError(f"every size must be >= 1; got {sizes}")
         self._check_process()
         last_error: EntropyError | None = None
         for _attempt in range(1 + self.retries):
@@ -884,8 +886,22 @@ class QuantumGrpcSource(EntropySource):
         The replies' payloads are views of the received messages (never copied
         when decoded): a row inside one reply is one copy out of it (none when it
         is a whole ``bytes`` payload); a row that spans replies joins their pieces."""
-        chunks: list[EntropyChunk] = []
         name, extended, address = self.name, self.extended, self.address
+        if len(replies) == 1 and len(sizes) == 1:  # one row, one reply: checked sizes match
+            head = replies[0]
+            data = head.data
+            return [
+                EntropyChunk(
+                    data=data if isinstance(data, bytes) else bytes(data),
+                    source=name,
+                    device_id=head.device_id or address,
+                    generation_timestamp_ns=head.generation_timestamp_ns or 0,
+                    sequence_id=head.sequence_id if extended and head.sequence_id else -1,
+                    health=health,
+                    fetch_latency_ns=latency_ns,
+                )
+            ]
+        chunks: list[EntropyChunk] = []
         index = 0  # the reply holding the row's first byte
         pos = 0  # offset of that byte in it
         for n in sizes:

@@ -28,11 +28,14 @@ from qr_sampler.errors import EntropyReplyError
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
 _MASK64 = (1 << 64) - 1
+_SMALL_VARINTS = tuple(bytes((v,)) for v in range(0x80))
 
 
 def encode_varint(value: int) -> bytes:
     """Protobuf base-128 varint of a non-negative int (negative: two's complement)."""
     value &= _MASK64
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while True:
         byte = value & 0x7F
