@@ -343,6 +343,57 @@ def test_stall_past_the_deadline_is_unavailable(mode: str) -> None:
         s.close()
 
 
+def test_bidi_stall_fails_every_waiter_then_a_new_stream_serves() -> None:
+    """Several threads on one stalled stream: the one reading it and the ones
+    parked behind it all get the deadline error (none hangs); after the stall,
+    the next fetch opens a new stream and is served."""
+    with FaultyServer(fault="stall", stall_s=5.0) as server:
+        breaker = CircuitBreaker(
+            BreakerConfig(min_timeout_s=0.2, max_timeout_s=0.3, failure_threshold=100)
+        )
+        s = source(server.address, "bidi_streaming", breaker=breaker)
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def work() -> None:
+            try:
+                s.fetch([100])
+            except BaseException as exc:
+                with lock:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=work) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads)
+        assert len(errors) == 4
+        assert all(isinstance(e, EntropyUnavailableError) for e in errors), errors
+        assert all("deadline" in str(e) for e in errors), errors
+        server.release_stalls()
+        server.fault = "ok"
+        assert len(s.fetch([100])[0].data) == 100
+        s.close()
+
+
+def test_bidi_stream_ended_while_idle_is_replaced_not_failed(sock_dir: Path) -> None:
+    """A server that ends the stream between fetches (restart, shutdown) costs
+    no failed fetch once the client has seen the end: the next fetch opens a
+    new stream."""
+    address = f"unix://{sock_dir}/idle.sock"
+    s = source(address, "bidi_streaming")
+    with entropy_server(address=address):
+        assert len(s.fetch([64])[0].data) == 64
+        stream = s._stream
+    assert stream is not None
+    assert wait_for(lambda: not stream.usable)  # the server's end reached the client
+    with entropy_server(address=address):
+        assert len(s.fetch([64])[0].data) == 64
+    assert s.counters["ok"] == 2 and s.counters["failed:unavailable"] == 0
+    s.close()
+
+
 def test_retries_recover_a_transient_fault() -> None:
     with FaultyServer(fault="short", fail_next=2) as server:
         s = source(server.address, "unary", retries=2)

@@ -21,7 +21,9 @@ Modes (``QR_GRPC_MODE``)
     ``server_streaming`` one call per request whose response stream together
                          holds exactly the requested bytes.
     ``bidi_streaming``   one persistent stream; requests are written to it
-                         back to back and replies matched by sequence id.
+                         back to back and replies matched by sequence id; a
+                         waiting caller reads the replies itself (no thread
+                         hand-off per reply).
     An empty streaming method path disables streaming: the unary method is used.
 
 A batch

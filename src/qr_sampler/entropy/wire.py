@@ -22,7 +22,7 @@ device id is not UTF-8. Malformed replies raise
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qr_sampler.errors import EntropyReplyError
 
@@ -57,8 +57,7 @@ def encode_request(count: int, sequence_id: int | None = None) -> bytes:
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """A decoded response (``None``: the field was absent).
 
     ``data`` is ``bytes``, or with ``decode_response(..., copy=False)`` a read-only
@@ -75,6 +74,8 @@ def _malformed(why: str) -> EntropyReplyError:
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    if pos < len(buf) and buf[pos] < 0x80:  # one byte: every key, short counts
+        return buf[pos], pos + 1
     result = 0
     shift = 0
     end = len(buf)

@@ -362,8 +362,10 @@ class EntropyServer:
 
     async def GetEntropy(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         self._count("requests")
-        await self._checked_size(request.bytes_needed, context)
-        return await self._response(request.bytes_needed, request.sequence_id, context)
+        n = request.bytes_needed
+        if not 1 <= n <= self.options.max_bytes:
+            await self._checked_size(n, context)  # aborts
+        return await self._response(n, request.sequence_id, context)
 
     async def _enter_stream(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         if self._active_streams >= self.options.max_streams:
