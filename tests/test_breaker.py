@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 
 from qr_sampler.config import load_settings
@@ -59,6 +62,25 @@ def test_window_keeps_only_recent_latencies() -> None:
     for _ in range(10):
         b.record_success(0.01)
     assert b.p99_s() == pytest.approx(0.01)
+
+
+def test_p99_follows_a_sliding_window_with_repeats_exactly() -> None:
+    """The window keeps a sorted copy instead of sorting per call: after every
+    record (successes and timeouts, many equal values, the window rolling
+    over), the p99 equals the nearest-rank p99 of the last ``window_size``."""
+    rng = random.Random(7)
+    for size in (1, 3, 10, 100):
+        b, _ = make(window_size=size)
+        recent: list[float] = []
+        for i in range(600):
+            value = rng.choice([0.001, 0.002, 0.5, rng.random()])
+            if i % 7 == 0:
+                b.record_failure(timed_out_after_s=value)
+            else:
+                b.record_success(value)
+            recent = [*recent, value][-size:]
+            ordered = sorted(recent)
+            assert b.p99_s() == ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
 
 
 def test_timeouts_enter_the_window_so_the_timeout_learns_upward() -> None:

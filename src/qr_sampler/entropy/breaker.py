@@ -24,6 +24,7 @@ monotonic seconds counter) is injected, which is how the tests drive it.
 
 from __future__ import annotations
 
+import bisect
 import math
 import threading
 import time
@@ -94,6 +95,7 @@ class CircuitBreaker:
         self._clock = clock
         self._lock = threading.Lock()
         self._latencies: deque[float] = deque(maxlen=self.config.window_size)
+        self._ordered: list[float] = []  # the same latencies, kept sorted
         self._state: State = "closed"
         self._consecutive_failures = 0
         self._recovery_s = self.config.recovery_s
@@ -107,6 +109,7 @@ class CircuitBreaker:
         and no latencies (they were measured on the parent's connection)."""
         self._lock = threading.Lock()
         self._latencies.clear()
+        self._ordered.clear()
 
     # -- queries ---------------------------------------------------------
     @property
@@ -128,10 +131,19 @@ class CircuitBreaker:
             return self._p99()
 
     def _p99(self) -> float | None:
-        if not self._latencies:
+        ordered = self._ordered
+        if not ordered:
             return None
-        ordered = sorted(self._latencies)
         return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+
+    def _record_latency(self, latency_s: float) -> None:
+        """Add to the window (the oldest leaves a full one); the sorted copy
+        follows, so the p99 needs no sort per call."""
+        value = max(0.0, latency_s)
+        if len(self._latencies) == self._latencies.maxlen:
+            del self._ordered[bisect.bisect_left(self._ordered, self._latencies[0])]
+        self._latencies.append(value)
+        bisect.insort(self._ordered, value)
 
     def timeout_s(self) -> float:
         """Deadline for the next call: clamp(p99 × multiplier, minimum, maximum)."""
@@ -176,7 +188,7 @@ class CircuitBreaker:
     def record_success(self, latency_s: float) -> None:
         """A call succeeded after ``latency_s`` seconds."""
         with self._lock:
-            self._latencies.append(max(0.0, latency_s))
+            self._record_latency(latency_s)
             self._consecutive_failures = 0
             if self._state != "closed":
                 self._state = "closed"
@@ -187,7 +199,7 @@ class CircuitBreaker:
         """A call failed; pass the deadline it had when it failed by timing out."""
         with self._lock:
             if timed_out_after_s is not None:
-                self._latencies.append(max(0.0, timed_out_after_s))
+                self._record_latency(timed_out_after_s)
             self._consecutive_failures += 1
             now = self._clock()
             if self._state == "half_open":
