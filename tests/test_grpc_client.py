@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -50,6 +50,16 @@ from qr_sampler.errors import (
 
 MODES = ("unary", "server_streaming", "bidi_streaming")
 KEY = "s3cret-key-do-not-log"
+
+
+def _run_threads(work: Callable[[], None], count: int, timeout_s: float) -> None:
+    """Run ``work`` on ``count`` threads at once; every one must end in time."""
+    threads = [threading.Thread(target=work) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not any(t.is_alive() for t in threads)
 
 
 def patient_breaker(**kw: Any) -> CircuitBreaker:
@@ -362,12 +372,7 @@ def test_bidi_stall_fails_every_waiter_then_a_new_stream_serves() -> None:
                 with lock:
                     errors.append(exc)
 
-        threads = [threading.Thread(target=work) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in threads)
+        _run_threads(work, 4, timeout_s=60)
         assert len(errors) == 4
         assert all(isinstance(e, EntropyUnavailableError) for e in errors), errors
         assert all("deadline" in str(e) for e in errors), errors
@@ -515,11 +520,7 @@ def test_many_threads_share_one_source() -> None:
                 except BaseException as exc:
                     errors.append(exc)
 
-            threads = [threading.Thread(target=work) for _ in range(6)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(120)
+            _run_threads(work, 6, timeout_s=120)
             assert not errors, errors[:3]
             assert s.counters["ok"] == 150
             assert len(set(seqs)) == 150  # every fetch got its own replies
