@@ -48,6 +48,7 @@ from qr_sampler.sampling.select import (
     DEFAULT_HEAD,
     Selection,
     SelectionParams,
+    applied_temperature,
     call_fused,
     chunked_head,
     force_tokens,
@@ -527,7 +528,7 @@ def _head_where_useful(
     distributions) go straight to the tail histogram. Only a routing decision:
     every answer stays exact."""
     t, lse, max_logit = stage[0], stage[2], stage[3]
-    t_eff = torch.where(t <= 0, torch.ones_like(t), t)
+    t_eff = applied_temperature(t)
     bound = (head_size * chunk) * torch.exp(max_logit / t_eff - lse).double()
     plain = _radix_rows(block, sub.shape[-1]) & (block[:, _MINP] <= 0)
     need = ~plain | ~(bound.cpu().numpy() < HEAD_WORTH)
@@ -583,7 +584,7 @@ def _device_prepare(
         t_max=dev[:, _TMAX].float(),
         entropy=stats.entropy,
     )
-    t_eff = torch.where(t <= 0, torch.ones_like(t), t).float()
+    t_eff = applied_temperature(t)
     lse = stats.lse
     if lse is None:
         lse = log_normalizer(sub, stats.max_logit, t_eff, fused=False)

@@ -347,7 +347,12 @@ def log_normalizer(
 
 def effective_temperature(params: SelectionParams) -> torch.Tensor:
     """T as applied: greedy rows (T = 0) use 1."""
-    t = params.temperature
+    return applied_temperature(params.temperature)
+
+
+def applied_temperature(t: torch.Tensor) -> torch.Tensor:
+    """Per-row temperatures as the selection divides by them (float32):
+    greedy rows (T <= 0) use 1."""
     return torch.where(t <= 0, torch.ones_like(t), t).float()
 
 
