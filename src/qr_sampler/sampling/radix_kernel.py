@@ -86,6 +86,14 @@ def _scaled(raw, inside, t):
 
 
 @triton.jit
+def _kept(x, mask, lse, floor, EXACT_EXP: tl.constexpr):
+    """p = exp(x - lse) as float64, and which tokens of ``mask`` are kept
+    (p > 0 and p >= the min-p floor)."""
+    p = _exp(x - lse, EXACT_EXP).to(tl.float64)
+    return p, mask & (p > 0.0) & (p >= floor)
+
+
+@triton.jit
 def _key_value(key):
     """The float32 whose order-preserving key is ``key`` (int64); keys at or
     below -inf's as -inf, keys above the largest float's as +inf."""
@@ -131,9 +139,9 @@ def _choose(
     NB: tl.constexpr,
     u,
 ):
-    """After pass ``R``: Z (pass 0's edge 0), U, the kept mass at or above each
-    edge of pass R (reduced over the programs in a fixed order), the chosen
-    bucket, and the range's lower key and the mass above it for pass R + 1."""
+    """After pass ``R``: Z (pass 0's edge 0), U, the chosen bucket (from the
+    kept mass at or above each edge of pass R, reduced over the programs in a
+    fixed order), and the range's lower key and the mass above it for pass R + 1."""
     progs = tl.arange(0, SPLIT_P2)
     bins = tl.arange(0, NB)
     ok = progs[:, None] < SPLIT
@@ -153,7 +161,7 @@ def _choose(
     g_next = tl.sum(tl.where(bins == pick + 1, g, 0.0), axis=0)
     above_next = tl.where(pick == NB - 1, above, g_next)
     prefix = tl.load(pref_ptr + R * n + i)
-    return total, target, g, pick, prefix, above_next
+    return total, target, pick, prefix, above_next
 
 
 @triton.jit
@@ -199,7 +207,7 @@ def _pass_kernel(
         prefix = tl.zeros([], dtype=tl.int64)
         above = tl.zeros([], dtype=tl.float64)
     else:
-        _t, _u, _g, pick, prev, above = _choose(
+        _t, _u, pick, prev, above = _choose(
             part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, NB, u
         )
         prefix = prev + (pick << (SHIFT + BITS))
@@ -230,8 +238,7 @@ def _pass_kernel(
         raw = tl.load(row_ptr + ahead, mask=ahead < end, other=float("-inf"))
         cand = inside & (x >= lo) & (x < hi)
         if R == ROUNDS - 1:
-            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
-            keep = inside & (p > 0.0) & (p >= floor)
+            p, keep = _kept(x, inside, lse, floor, EXACT_EXP)
             over += (keep & (x >= hi)).to(tl.int32)
             mine = keep & cand
             if tl.sum(mine.to(tl.int32), axis=0) > 0:
@@ -242,15 +249,13 @@ def _pass_kernel(
                 at = (x[None, :] == edges[:, None]) & mine[None, :]
                 low = tl.minimum(low, tl.min(tl.where(at, offs[None, :], _NO_ID), axis=1))
         elif R < WIDE:
-            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
-            keep = cand & (p > 0.0) & (p >= floor)
+            p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
             w = tl.where(keep, p, 0.0)
             mass += tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0)
             if R == 0:
                 kept += keep.to(tl.int32)
         elif tl.sum(cand.to(tl.int32), axis=0) > 0:
-            p = _exp(x - lse, EXACT_EXP).to(tl.float64)
-            keep = cand & (p > 0.0) & (p >= floor)
+            p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
             w = tl.where(keep, p, 0.0)
             mass += tl.sum(tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0), axis=1)
             if R == 0:
@@ -310,7 +315,7 @@ def _final_kernel(
     # (unresolved, or what the chunked head found) for the exact fallback
     finite = (lse == lse) & (lse != float("inf")) & (lse != float("-inf"))
     if finite:
-        total, target, _g, pick, prefix, over_mass = _choose(
+        total, target, pick, prefix, over_mass = _choose(
             part_ptr, above_ptr, pref_ptr, i, n, ROUNDS - 1, SPLIT, SPLIT_P2, NB, u
         )
         star = prefix + pick  # the last pass's buckets are single keys
@@ -350,8 +355,8 @@ def _final_kernel(
                 inside = offs < end
                 raw = tl.load(row_ptr + offs, mask=inside, other=float("-inf"))
                 x = _scaled(raw, inside, t)
-                p = _exp(x - lse, EXACT_EXP).to(tl.float64)
-                tied = (inside & (p > 0.0) & (p >= floor) & (x == x_star)).to(tl.int64)
+                _p, keep = _kept(x, inside, lse, floor, EXACT_EXP)
+                tied = (keep & (x == x_star)).to(tl.int64)
                 pos = tl.sum((tl.cumsum(tied, axis=0) <= (jj - seen)).to(tl.int64), axis=0)
                 here = tl.sum(tied, axis=0)
                 token = tl.where((seen <= jj) & (jj < seen + here), s + pos, token)
