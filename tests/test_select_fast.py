@@ -221,6 +221,27 @@ def test_row_stats_match_float64() -> None:
     assert torch.equal(stats.max_logit, x.amax(-1))
 
 
+def _mixed_batch(
+    pipe: SamplingPipeline,
+    rng: np.random.Generator,
+    table: list[tuple[int, float, float]],
+    temperature_strategy: str,
+    vocab: int,
+) -> tuple[np.ndarray, torch.Tensor, np.ndarray, int]:
+    """40 rows cycling through ``table``'s (top_k, top_p, min_p), half peaked and
+    half bf16 logits, one ``choose``; returns the logits, the pipeline's token
+    ids and host block, and how many rows matched the full sort."""
+    configs = [
+        SamplingConfig(temperature_strategy=temperature_strategy, top_k=k, top_p=p, min_p=m)
+        for k, p, m in table
+    ]
+    rows = [RowState.of(configs[i % len(configs)]) for i in range(40)]
+    logits = np.concatenate([_logits(rng, "peaked", 20, vocab), _logits(rng, "bf16", 20, vocab)])
+    u = rng.uniform(1e-10, 1 - 1e-10, 40)
+    token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
+    return logits, token_ids, host, _checked_against_full_sort(logits, rows, u, token_ids, host)
+
+
 @pytest.mark.parametrize("strategy", ["fixed", "edt", "top_k_only"])
 def test_pipeline_step_equals_full_sort(strategy: str) -> None:
     """The pipeline's device stage (choose: fused statistics, chunked head --
@@ -236,17 +257,8 @@ def test_pipeline_step_equals_full_sort(strategy: str) -> None:
     table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 0.95, 0.05), (0, 1.0, 0.0)]
     if strategy == "top_k_only":
         table = [(50, 0.9, 0.0), (7, 1.0, 0.0), (50, 1.0, 0.1), (1, 1.0, 0.0)]
-    configs = [
-        SamplingConfig(
-            temperature_strategy="edt" if strategy == "edt" else "fixed", top_k=k, top_p=p, min_p=m
-        )
-        for k, p, m in table
-    ]
-    rows = [RowState.of(configs[i % len(configs)]) for i in range(40)]
-    logits = np.concatenate([_logits(rng, "peaked", 20, vocab), _logits(rng, "bf16", 20, vocab)])
-    u = rng.uniform(1e-10, 1 - 1e-10, 40)
-    token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
-    checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
+    temperature_strategy = "edt" if strategy == "edt" else "fixed"
+    logits, token_ids, host, checked = _mixed_batch(pipe, rng, table, temperature_strategy, vocab)
     assert host[:, 0].astype(np.int64).tolist() == token_ids.tolist()
     assert checked >= 36
     ent = shannon_entropy(torch.from_numpy(logits))
@@ -461,15 +473,7 @@ def test_pipeline_radix_mode_equals_full_sort(strategy: str) -> None:
     )
     pipe.radix = "torch"
     table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 0.95, 0.05), (0, 1.0, 0.1), (0, 1.0, 0.0)]
-    configs = [
-        SamplingConfig(temperature_strategy=strategy, top_k=k, top_p=p, min_p=m)
-        for k, p, m in table
-    ]
-    rows = [RowState.of(configs[i % len(configs)]) for i in range(40)]
-    logits = np.concatenate([_logits(rng, "peaked", 20, vocab), _logits(rng, "bf16", 20, vocab)])
-    u = rng.uniform(1e-10, 1 - 1e-10, 40)
-    token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u)
-    checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
+    _logits_used, _ids, host, checked = _mixed_batch(pipe, rng, table, strategy, vocab)
     assert checked >= 36
     assert (host[:, 4] == 1).all()  # every row resolved in the one pass
     pipe.close()
