@@ -54,7 +54,10 @@ CLIENTS = 8
 MAX_REQUESTS_PER_CLIENT = 100_000
 OUTAGE_S = 3.0
 STUCK_S = 6.0
-AUTH_S = 4.0
+# long enough for a breaker probe (every <= QR_CB_MAX_RECOVERY_S = 2 s) to get
+# through gRPC's reconnect backoff (<= 2 s) to the new server: at 4 s the first
+# probe that connected once landed just after the phase's end
+AUTH_S = 7.0
 STUCK_SCRIPT = str(Path(__file__).with_name("support_stuck_server.py"))
 MiB = 1024
 

@@ -49,6 +49,11 @@ def _env(entropy: EntropyServerProcess, tmp: Path, **extra: str) -> dict[str, st
         "QR_GRPC_MODE": "bidi_streaming",
         "QR_FALLBACK_MODE": "error",  # a fallback would hide a missing server
         "QR_RECORDS_PATH": str(tmp / "records.jsonl"),
+        # two ranks keep both cores busy: the default 50 ms deadline floor once
+        # tripped here (one step forced EOS in error mode, one request short of
+        # the step count). These tests check rank agreement, not deadlines
+        # (tests/test_grpc_client.py and tests/test_soak.py do)
+        "QR_CB_MIN_TIMEOUT_MS": "1000",
         # the default 'auto' binding fails a NUMA assertion with two ranks on the CPU build
         "VLLM_CPU_OMP_THREADS_BIND": "0|1",
         **extra,
