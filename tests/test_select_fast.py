@@ -30,11 +30,13 @@ from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
+from qr_sampler.sampling import select as select_module
 from qr_sampler.sampling.select import (
     Selection,
     SelectionParams,
     chunked_head,
     effective_temperature,
+    log_normalizer,
     radix_eligible,
     row_stats,
     select,
@@ -134,10 +136,16 @@ def _checked_against_full_sort(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("vocab", "head", "chunk"), [(1000, 8, 16), (1237, 32, 4), (3000, 4, 64)])
+@pytest.mark.parametrize(
+    ("vocab", "head", "chunk"),
+    [(1000, 8, 16), (1237, 32, 4), (3000, 4, 64), (3001, 8, 4), (2048, 16, 2)],
+)
 def test_exact_prefix_is_the_full_sort(kind: str, vocab: int, head: int, chunk: int) -> None:
     """The leading ``exact`` positions of the chunked head are the stable full
-    sort's first positions, values and token ids alike."""
+    sort's first positions, values and token ids alike. The last two shapes
+    have at least 16 chunks per head chunk, so on the CPU the chunks are first
+    taken by groups (3001: a partial group at the end) and the head ordered by
+    one value-then-id key."""
     rng = np.random.default_rng(KINDS.index(kind) * 100_000 + vocab * 100 + head)
     logits = torch.from_numpy(_logits(rng, kind, 24, vocab))
     t = torch.tensor(rng.choice([0.3, 0.7, 1.0, 2.5], 24), dtype=torch.float32)
@@ -160,7 +168,7 @@ def test_chunked_selection_equals_full_sort(kind: str) -> None:
     (head plus fallback) equals it on every row."""
     rng = np.random.default_rng(KINDS.index(kind) + 100)
     checked = skipped = resolved_rows = 0
-    for vocab, head, chunk in [(2000, 16, 16), (1501, 64, 4), (4096, 8, 32)]:
+    for vocab, head, chunk in [(2000, 16, 16), (1501, 64, 4), (4096, 8, 32), (3001, 8, 4)]:
         logits = _logits(rng, kind, 48, vocab)
         rows = _settings(rng, 48, vocab)
         x = torch.from_numpy(logits)
@@ -202,8 +210,13 @@ def test_tail_histogram_equals_full_sort(kind: str) -> None:
     assert checked >= 25, checked  # deep-tail rows are often fragile (tiny probabilities)
 
 
-def test_row_stats_match_float64() -> None:
-    """Entropy at T = 1, finite count and logsumexp(logits / T) against float64."""
+@pytest.mark.parametrize("block_rows", [0, 3])
+def test_row_stats_match_float64(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entropy at T = 1, finite count and logsumexp(logits / T) against float64;
+    ``block_rows`` 3: the eager CPU passes run in blocks of 3 rows (16 rows:
+    five whole blocks and a partial one; -inf only in some blocks)."""
+    if block_rows:
+        monkeypatch.setattr(select_module, "CPU_BLOCK_ELEMENTS", 3000 * block_rows)
     rng = np.random.default_rng(7)
     logits = grid_logits(rng, 16, 3000, spread=8.0, inf_fraction=0.3)
     x = torch.from_numpy(logits)
@@ -219,6 +232,8 @@ def test_row_stats_match_float64() -> None:
     lse = torch.logsumexp(x64 / t.double().unsqueeze(1), dim=-1)
     assert torch.allclose(stats.lse.double(), lse, rtol=1e-6, atol=1e-5)
     assert torch.equal(stats.max_logit, x.amax(-1))
+    again = log_normalizer(x, stats.max_logit, t)
+    assert torch.allclose(again.double(), lse, rtol=1e-6, atol=1e-5)
 
 
 def _mixed_batch(
@@ -547,4 +562,10 @@ def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch)
     assert seen == [24 - plain_flat], seen  # only the rows that can use it
     checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
     assert checked >= 20, checked
+    # a batch of plain flat rows only: no head at all, still exact
+    flat, plain = _logits(rng, "flat", 8, vocab), [RowState.of(SamplingConfig())] * 8
+    u = rng.uniform(1e-10, 1 - 1e-10, 8)
+    token_ids, host = pipe.choose(torch.from_numpy(flat.copy()), None, plain, u)
+    assert seen == [24 - plain_flat], seen
+    assert _checked_against_full_sort(flat, plain, u, token_ids, host) >= 7
     pipe.close()

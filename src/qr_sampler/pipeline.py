@@ -536,18 +536,20 @@ def _head_where_useful(
     if need.all():
         vals, idx, exact = chunked_head(sub, t_eff, head_size, chunk)
         return (*stage[:5], vals, idx, exact)
-    width = min(head_size * chunk, 2 * head_size)
+    which = torch.from_numpy(np.flatnonzero(need)).to(sub.device)
+    head = None
+    if need.any():
+        head = chunked_head(
+            sub.index_select(0, which), t_eff.index_select(0, which), head_size, chunk
+        )
+    width = 1 if head is None else head[0].shape[1]  # rows without a head take any width
     vals = torch.full((rows, width), float("-inf"), dtype=torch.float32, device=sub.device)
     idx = torch.zeros(rows, width, dtype=torch.int64, device=sub.device)
     exact = torch.zeros(rows, dtype=torch.int64, device=sub.device)
-    if need.any():
-        which = torch.from_numpy(np.flatnonzero(need)).to(sub.device)
-        v, i, e = chunked_head(
-            sub.index_select(0, which), t_eff.index_select(0, which), head_size, chunk
-        )
-        vals.index_copy_(0, which, v)
-        idx.index_copy_(0, which, i)
-        exact.index_copy_(0, which, e)
+    if head is not None:
+        vals.index_copy_(0, which, head[0])
+        idx.index_copy_(0, which, head[1])
+        exact.index_copy_(0, which, head[2])
     return (*stage[:5], vals, idx, exact)
 
 

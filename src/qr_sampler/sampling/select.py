@@ -214,7 +214,41 @@ class RowStats:
     lse: torch.Tensor | None  # float32 logsumexp(logits / T) when T was given
 
 
+#: logits per block of rows in the eager CPU statistics: a block's temporaries
+#: (four or five of its size) stay in the core's cache between passes
+CPU_BLOCK_ELEMENTS = 1 << 19
+
+
+def _in_row_blocks(
+    fn: Callable[..., Any], logits: torch.Tensor, *per_row: torch.Tensor | None
+) -> Any:
+    """``fn(logits, *per_row)`` in blocks of rows on the CPU (eager), the per-row
+    results concatenated: each pass then reads a block from cache, not the whole
+    batch from memory (measured 7-10 ms -> 5-6 ms for the statistics of 32 x
+    151,936 logits on two cores). Elsewhere, or compiled, one call."""
+    rows, vocab = logits.shape
+    per = max(1, CPU_BLOCK_ELEMENTS // max(vocab, 1))
+    if logits.device.type != "cpu" or torch.compiler.is_compiling() or rows <= per:
+        return fn(logits, *per_row)
+    parts = [
+        fn(logits[i : i + per], *(a if a is None else a[i : i + per] for a in per_row))
+        for i in range(0, rows, per)
+    ]
+    if isinstance(parts[0], torch.Tensor):
+        return torch.cat(parts)
+    return tuple(
+        None if parts[0][k] is None else torch.cat([p[k] for p in parts])
+        for k in range(len(parts[0]))
+    )
+
+
 def _row_stats_eager(
+    logits: torch.Tensor, t: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return _in_row_blocks(_row_stats_block, logits, t)  # type: ignore[no-any-return]
+
+
+def _row_stats_block(
     logits: torch.Tensor, t: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     x = logits.float()
@@ -246,6 +280,12 @@ def _row_stats_eager(
 
 
 def _log_normalizer_eager(
+    logits: torch.Tensor, max_logit: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    return _in_row_blocks(_log_normalizer_block, logits, max_logit, t)  # type: ignore[no-any-return]
+
+
+def _log_normalizer_block(
     logits: torch.Tensor, max_logit: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
     t = t.float()
@@ -367,22 +407,69 @@ def chunked_head(
     ``head_size`` chunks."""
     rows, vocab = logits.shape
     n_full = vocab // chunk
-    cmax = logits[:, : n_full * chunk].reshape(rows, n_full, chunk).amax(dim=-1)
+    on_cpu = logits.device.type == "cpu"
+    if on_cpu:  # the CPU's max pooling (NaN-propagating too) is 2x faster than amax here
+        cmax = torch.nn.functional.max_pool1d(logits.unsqueeze(1), chunk).squeeze(1)
+    else:
+        cmax = logits[:, : n_full * chunk].reshape(rows, n_full, chunk).amax(dim=-1)
     if vocab % chunk:
         rest = logits[:, n_full * chunk :].amax(dim=-1, keepdim=True)
         cmax = torch.cat([cmax, rest], dim=1)
-    top = torch.topk(cmax, head_size, dim=-1, sorted=False)
-    tau = top.values.amin(dim=-1).float() / t
-    first = torch.sort(top.indices, dim=-1).values * chunk
+    top_values, top_chunks = _top_chunks(cmax, head_size, grouped=on_cpu)
+    tau = top_values.amin(dim=-1).float() / t
+    first = torch.sort(top_chunks, dim=-1).values * chunk
     ids = (first.unsqueeze(-1) + torch.arange(chunk, device=logits.device)).reshape(rows, -1)
     valid = ids < vocab
     ids = ids.clamp(max=vocab - 1)
     x = scaled_logits(logits.gather(1, ids), t).masked_fill(~valid, float("-inf"))
-    vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
-    width = min(vals.shape[1], 2 * head_size)  # the window math needs no more
-    vals, order = vals[:, :width], order[:, :width]
+    width = min(x.shape[1], 2 * head_size)  # the window math needs no more
+    if on_cpu:
+        if rows and not torch.compiler.is_compiling():  # a host read is free here: no
+            # position past the longest exact prefix is ever used
+            above = int((x > tau.unsqueeze(1)).sum(dim=-1).max())
+            width = max(1, min(width, above))
+        # one key orders by value, then token id (the stable sort's order): the
+        # CPU's top-k of the first ``width`` keys is ~2x faster than a stable sort
+        key = ((value_keys(x) - (1 << 31)) << 32) + ((1 << 32) - 1 - ids)
+        order = torch.topk(key, width, dim=-1, sorted=True).indices
+        vals = x.gather(1, order)
+    else:
+        vals, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        vals, order = vals[:, :width], order[:, :width]
     exact = (vals > tau.unsqueeze(1)).sum(dim=-1)
     return vals, ids.gather(1, order), exact
+
+
+#: chunk maxima per group in :func:`_top_chunks`'s first round
+_CHUNK_GROUP = 4
+
+
+def _top_chunks(
+    cmax: torch.Tensor, head_size: int, *, grouped: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``head_size`` largest chunk maxima of each row and their chunk indices
+    (in no order; ties at the smallest taken either way).
+
+    ``grouped`` (the CPU, where top-k costs by its input's length): first the
+    ``head_size`` groups of :data:`_CHUNK_GROUP` chunks with the largest maxima,
+    then the top chunks among theirs. Same smallest value (tau), and every chunk
+    above it is taken: a chunk outside those groups is at most the
+    ``head_size``-th group maximum, which is at most tau, since each taken group
+    holds a chunk at its maximum. Measured 3.7 -> 2.5 ms at 32 x 37,984."""
+    rows, n = cmax.shape
+    g = _CHUNK_GROUP
+    if not grouped or n < 4 * g * head_size:
+        top = torch.topk(cmax, head_size, dim=-1, sorted=False)
+        return top.values, top.indices
+    n_groups = n // g
+    gmax = cmax[:, : n_groups * g].reshape(rows, n_groups, g).amax(dim=-1)
+    groups = torch.topk(gmax, head_size, dim=-1, sorted=False).indices
+    cand = (groups.unsqueeze(-1) * g + torch.arange(g, device=cmax.device)).reshape(rows, -1)
+    if n % g:  # the chunks past the last whole group are always candidates
+        rest = torch.arange(n_groups * g, n, device=cmax.device).expand(rows, -1)
+        cand = torch.cat([cand, rest], dim=1)
+    top = torch.topk(cmax.gather(1, cand), head_size, dim=-1, sorted=False)
+    return top.values, cand.gather(1, top.indices)
 
 
 def select_chunked(
