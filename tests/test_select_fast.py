@@ -191,10 +191,14 @@ def test_chunked_selection_equals_full_sort(kind: str) -> None:
         assert resolved_rows >= 0.3 * checked, "too few rows took the fast path to test it"
 
 
+@pytest.mark.parametrize("given_lse", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tail_histogram_equals_full_sort(kind: str) -> None:
+def test_tail_histogram_equals_full_sort(kind: str, given_lse: bool) -> None:
     """Untruncated rows through the value-bucket histogram (no vocabulary sort)
-    equal the full sort, whatever u (deep tails included)."""
+    equal the full sort, whatever u (deep tails included); with ``given_lse``
+    the normaliser comes from the row statistics, as in the pipeline. A NaN
+    logit ranks as -inf (then the statistics' normaliser is NaN, and the tail
+    computes its own)."""
     rng = np.random.default_rng(KINDS.index(kind) + 300)
     vocab = 3000
     logits = _logits(rng, kind, 40, vocab)
@@ -202,12 +206,21 @@ def test_tail_histogram_equals_full_sort(kind: str) -> None:
         RowSettings(float(rng.choice([0.3, 0.7, 1.0, 2.5])), 0, 1.0, 0.0, float(u))
         for u in np.concatenate([rng.uniform(1e-10, 1 - 1e-10, 30), 1 - rng.uniform(0, 1e-3, 10)])
     ]
-    x = torch.from_numpy(logits)
     params = make_params(rows)
-    tail = select_tail(x, params)
-    ref_sorted = select_sorted(x, params)
+
+    def tail_of(values: np.ndarray) -> Selection:
+        x = torch.from_numpy(values)
+        lse = row_stats(x, effective_temperature(params)).lse if given_lse else None
+        return select_tail(x, params, lse)
+
+    tail = tail_of(logits)
+    ref_sorted = select_sorted(torch.from_numpy(logits), params)
     checked = sum(_check(tail, i, logits, row, ref_sorted) for i, row in enumerate(rows))
     assert checked >= 25, checked  # deep-tail rows are often fragile (tiny probabilities)
+    with_nan, with_inf = logits.copy(), logits.copy()
+    with_nan[3, 17], with_inf[3, 17] = np.nan, -np.inf
+    a, b = tail_of(with_nan), tail_of(with_inf)
+    assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.rank, b.rank)
 
 
 @pytest.mark.parametrize("block_rows", [0, 3])

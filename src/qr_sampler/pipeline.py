@@ -307,8 +307,9 @@ class SamplingPipeline:
             entropy = out[:, _ENT].float()
             idx = _to_device(pending, sub.device)
             rest = select_rest(
-                sub.index_select(0, idx),
+                sub if pending.size == sub.shape[0] else sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),
+                lse.index_select(0, idx),
             )
             token_ids = token_ids.index_copy(0, idx, rest.token_ids)
             host[pending] = self._to_host(

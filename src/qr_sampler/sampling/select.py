@@ -545,58 +545,81 @@ def untruncated(params: SelectionParams, vocab: int) -> torch.Tensor:
     return whole & (params.temperature > 0) & (params.min_p <= 0) & (params.top_p >= 1.0)
 
 
-def select_tail(logits: torch.Tensor, params: SelectionParams) -> Selection:
+def select_tail(
+    logits: torch.Tensor, params: SelectionParams, lse: torch.Tensor | None = None
+) -> Selection:
     """Exact selection for untruncated rows (see :func:`untruncated`) without
     ordering the vocabulary: the probability mass is bucketed by value (64
     buckets per nat below the row maximum), the bucket holding u is found from
     the cumulative bucket masses, and only that bucket's tokens are ordered (by
     value, then token id). Rank = tokens in the buckets above + position there.
+    ``lse``: logsumexp(logits / T) per row where already known (the row
+    statistics'), else computed here.
 
-    Meant for the few rows the head leaves (one pass over each row, one small
-    sort per row; host syncs per row on accelerators, so used on the CPU).
+    Meant for the few rows the head leaves (a few passes over the rows, one
+    small sort of the chosen buckets' tokens; host syncs, so used on the CPU).
     """
     rows, vocab = logits.shape
+    dev = logits.device
     t = effective_temperature(params)
-    x = scaled_logits(logits, t)
+    x = logits.float() / t.float().unsqueeze(1)
     m = x.amax(dim=-1, keepdim=True)
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)
-    p = torch.exp(x - lse).double()
+    if bool(torch.isnan(m).any()):  # NaN logits: as -inf, as on every path
+        x = scaled_logits(logits, t)  # (without NaN this is the same x)
+        m = x.amax(dim=-1, keepdim=True)
+    if lse is None:
+        lse = torch.logsumexp(x, dim=-1)
+    elif not bool(torch.isfinite(lse).all()):  # e.g. a NaN logit: that row's own
+        lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(x, dim=-1))
+    p = torch.exp(x - lse.unsqueeze(1)).double()
     top = TAIL_BUCKETS - 1
-    bucket = ((m - x) * TAIL_BUCKETS_PER_NAT).nan_to_num_(nan=top, posinf=top).clamp_(0, top).long()
-    mass = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.float64, device=x.device)
+    spread = torch.sub(m, x).mul_(TAIL_BUCKETS_PER_NAT)
+    bucket = spread.nan_to_num_(nan=top, posinf=top).clamp_(0, top).long()
+    mass = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.float64, device=dev)
     mass.scatter_add_(1, bucket, p)
-    count = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.int64, device=x.device)
-    one = torch.ones(1, 1, dtype=torch.int64, device=x.device)
+    count = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.int64, device=dev)
+    one = torch.ones(1, 1, dtype=torch.int64, device=dev)
     count.scatter_add_(1, bucket, one.expand(rows, vocab))
     cum_mass = mass.cumsum(dim=1)
     cum_count = count.cumsum(dim=1)
     u = params.u.double()
     crossing = (cum_mass <= u.unsqueeze(1)).sum(dim=1)
     # u at or past the total mass (rounding): the last bucket that holds mass
-    last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=x.device), 0).amax(dim=1)
+    last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=dev), 0).amax(dim=1)
     crossing = torch.minimum(crossing, last)
     if bool(x.amin() > float("-inf")):  # the usual case; a bool count is the slowest pass
         num_finite = torch.full_like(crossing, vocab)
     else:
         num_finite = torch.isfinite(x).sum(dim=-1)
-    token = torch.empty(rows, dtype=torch.int64, device=x.device)
-    rank = torch.empty(rows, dtype=torch.int64, device=x.device)
-    prob = torch.empty(rows, dtype=torch.float64, device=x.device)
-    for r in range(rows):
-        b = int(crossing[r])
-        ids = torch.nonzero(bucket[r] == b).squeeze(1)  # ascending token ids
-        order = torch.sort(x[r, ids], descending=True, stable=True).indices
-        ids = ids[order]
-        ps = p[r, ids]
-        before = float(cum_mass[r, b - 1]) if b > 0 else 0.0
-        j = int(((before + torch.cumsum(ps, dim=0)) <= float(u[r])).sum())
-        j = min(j, ids.numel() - 1)
-        while j > 0 and float(ps[j]) == 0.0:  # past the last finite token (rounding)
-            j -= 1
-        token[r] = ids[j]
-        rank[r] = (int(cum_count[r, b - 1]) if b > 0 else 0) + j
-        prob[r] = ps[j]
-    return Selection(token_ids=token, rank=rank, prob=prob, num_candidates=num_finite)
+    # the chosen buckets' tokens, every row at once: (row, id) pairs in id order,
+    # then by row, value (descending) and id, through two stable sorts
+    hit = torch.nonzero(bucket == crossing.unsqueeze(1))
+    r, ids = hit[:, 0], hit[:, 1]
+    order = torch.sort(x[r, ids], descending=True, stable=True).indices
+    order = order[torch.sort(r[order], stable=True).indices]
+    r, ids = r[order], ids[order]
+    n = torch.bincount(r, minlength=rows)  # tokens in each row's bucket
+    col = torch.arange(r.numel(), device=dev) - (torch.cumsum(n, 0) - n)[r]
+    width = max(1, int(n.max()) if rows else 1)
+    ps = torch.zeros(rows, width, dtype=torch.float64, device=dev)
+    ps[r, col] = p[r, ids]
+    bucket_ids = torch.zeros(rows, width, dtype=torch.int64, device=dev)
+    bucket_ids[r, col] = ids
+    below = (crossing - 1).clamp(min=0).unsqueeze(1)
+    before = torch.where(crossing > 0, cum_mass.gather(1, below).squeeze(1), 0.0)
+    inside = torch.arange(width, device=dev) < n.unsqueeze(1)
+    j = (((before.unsqueeze(1) + torch.cumsum(ps, dim=1)) <= u.unsqueeze(1)) & inside).sum(dim=1)
+    # not past the bucket's last token, nor past its last of nonzero
+    # probability (they come last: rounding can leave u beyond them)
+    positive = ((ps > 0) & inside).sum(dim=1)
+    j = torch.minimum(j, torch.minimum(n, positive).sub(1).clamp(min=0)).unsqueeze(1)
+    above = torch.where(crossing > 0, cum_count.gather(1, below).squeeze(1), 0)
+    return Selection(
+        token_ids=bucket_ids.gather(1, j).squeeze(1),
+        rank=above + j.squeeze(1),
+        prob=ps.gather(1, j).squeeze(1),
+        num_candidates=num_finite,
+    )
 
 
 #: bits of the 32-bit value key decided per pass of :func:`select_radix`
@@ -736,18 +759,25 @@ def _nth_true(
     return block * TIE_BLOCK + pos
 
 
-def select_rest(logits: torch.Tensor, params: SelectionParams) -> Selection:
+def select_rest(
+    logits: torch.Tensor, params: SelectionParams, lse: torch.Tensor | None = None
+) -> Selection:
     """The exact answer for a few rows the head could not resolve: the tail
-    histogram for untruncated rows on the CPU, the full sort otherwise."""
+    histogram for untruncated rows on the CPU (``lse``: their logsumexp(logits /
+    T) where known), the full sort otherwise."""
     if logits.device.type != "cpu":
         return select_sorted(logits, params)
     plain = untruncated(params, logits.shape[-1])
     if not bool(plain.any()):
         return select_sorted(logits, params)
+    if bool(plain.all()):  # no copy of the rows
+        return select_tail(logits, params, lse)
     tail_rows = torch.nonzero(plain).squeeze(1)
-    tail = select_tail(logits.index_select(0, tail_rows), _take(params, tail_rows))
-    if bool(plain.all()):
-        return tail
+    tail = select_tail(
+        logits.index_select(0, tail_rows),
+        _take(params, tail_rows),
+        None if lse is None else lse.index_select(0, tail_rows),
+    )
     other = torch.nonzero(~plain).squeeze(1)
     rest = select_sorted(logits.index_select(0, other), _take(params, other))
     return _merge(_merge(_empty(logits.shape[0], logits.device), tail_rows, tail), other, rest)
