@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver as _driver
 
 from qr_sampler.sampling.select import Selection, SelectionParams, effective_temperature
 
@@ -385,6 +386,83 @@ def _split(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     return -(-vocab // chunk), chunk
 
 
+class _Relauncher:
+    """Launches one Triton kernel; after its first launch for a given
+    specialisation, straight through the compiled kernel's own launcher.
+
+    Triton binds and specialises every argument on every launch (about 50 µs
+    of host time here, nine launches a step: batches up to ~64 are bound by
+    it). The key of the cache below holds everything that specialisation reads,
+    so a hit launches exactly the kernel Triton would: the device, the grid,
+    the compile-time constants, every integer argument's value and every
+    tensor's dtype and address modulo 16. A first launch and the interpreter
+    take Triton's own path; so does everything after any failure of the
+    direct one."""
+
+    #: distinct specialisations kept per kernel (batch sizes x passes)
+    MAX_KEYS = 4096
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.compiled: dict[tuple[Any, ...], Any] = {}
+        params = list(getattr(fn, "params", []))
+        self.constexprs = [p.name for p in params if p.is_constexpr]
+        self.n_args = len(params) - len(self.constexprs)
+        # the launcher takes every parameter in order: constants must come last
+        self.direct = not _INTERPRETED and all(p.is_constexpr for p in params[self.n_args :])
+
+    def __call__(
+        self, device: int, grid: tuple[int, ...], args: tuple[Any, ...], consts: dict[str, Any]
+    ) -> None:
+        """``fn[grid](*args, **consts)`` on the current ``device`` (an index)."""
+        if not self.direct:
+            self.fn[grid](*args, **consts)
+            return
+        key = (
+            device,
+            grid,
+            *consts.values(),
+            *(a if type(a) is int else (a.dtype, a.data_ptr() % 16) for a in args),
+        )
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            kernel = self.fn[grid](*args, **consts)  # compiles on first use
+            if kernel is not None and hasattr(kernel, "run") and hasattr(kernel, "function"):
+                if len(self.compiled) >= self.MAX_KEYS:
+                    self.compiled.clear()
+                self.compiled[key] = kernel
+            return
+        values = (*args, *(consts[name] for name in self.constexprs))
+        stream = _driver.active.get_current_stream(device)
+        full = (grid[0], grid[1] if len(grid) > 1 else 1, 1)
+        hooks = _hook_holder()
+        try:  # the call Triton's own launch ends with, hooks included
+            kernel.run(
+                *full,
+                stream,
+                kernel.function,
+                kernel.packed_metadata,
+                kernel.launch_metadata(full, stream, *values),
+                hooks.launch_enter_hook,
+                hooks.launch_exit_hook,
+                *values,
+            )
+        except Exception:  # another Triton's launcher: its own path from now on
+            self.direct = False
+            self.fn[grid](*args, **consts)
+
+
+def _hook_holder() -> Any:
+    """Where this Triton keeps its launch hooks: its knobs (3.4 and later), else
+    the compiled-kernel class."""
+    runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+    return runtime if runtime is not None else triton.compiler.CompiledKernel
+
+
+_PASS = _Relauncher(_pass_kernel)
+_FINAL = _Relauncher(_final_kernel)
+
+
 def radix_into(
     logits: torch.Tensor,
     rows: torch.Tensor,
@@ -433,11 +511,12 @@ def radix_into(
         "EXACT_EXP": not _INTERPRETED,
         "num_warps": WARPS,
     }
+    index = _driver.active.get_current_device() if not _INTERPRETED else 0  # as Triton launches
+    args = (*common, *scratch, u_col, min_p_col)
     for r in range(rounds):
-        _pass_kernel[(n, split)](
-            *common, *scratch, u_col, min_p_col, R=r, WIDE=min(WIDE_PASSES, rounds - 1), **shape
-        )
-    _final_kernel[(n,)](*common, *scratch, token_ids, out, out.stride(0), u_col, min_p_col, **shape)
+        _PASS(index, (n, split), args, {"R": r, "WIDE": min(WIDE_PASSES, rounds - 1), **shape})
+    final_args = (*common, *scratch, token_ids, out, out.stride(0), u_col, min_p_col)
+    _FINAL(index, (n,), final_args, shape)
 
 
 def select_radix_kernel(
