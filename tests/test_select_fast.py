@@ -193,14 +193,15 @@ def test_chunked_selection_equals_full_sort(kind: str) -> None:
         assert resolved_rows >= 0.3 * checked, "too few rows took the fast path to test it"
 
 
-@pytest.mark.parametrize("given_lse", [False, True])
+@pytest.mark.parametrize("given_stats", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tail_histogram_equals_full_sort(kind: str, given_lse: bool) -> None:
+def test_tail_histogram_equals_full_sort(kind: str, given_stats: bool) -> None:
     """Untruncated rows through the value-bucket histogram (no vocabulary sort)
-    equal the full sort, whatever u (deep tails included); with ``given_lse``
-    the normaliser comes from the row statistics, as in the pipeline. A NaN
-    logit ranks as -inf (then the statistics' normaliser is NaN, and the tail
-    computes its own)."""
+    equal the full sort, whatever u (deep tails included); with
+    ``given_stats`` the row statistics are given, as in the pipeline: rows
+    whose u is below the top token's probability take it from them, the
+    others reuse the normaliser. A NaN logit ranks as -inf (then the
+    statistics are NaN, and the tail computes its own)."""
     rng = np.random.default_rng(KINDS.index(kind) + 300)
     vocab = 3000
     logits = _logits(rng, kind, 40, vocab)
@@ -212,8 +213,8 @@ def test_tail_histogram_equals_full_sort(kind: str, given_lse: bool) -> None:
 
     def tail_of(values: np.ndarray) -> Selection:
         x = torch.from_numpy(values)
-        lse = row_stats(x, effective_temperature(params)).lse if given_lse else None
-        return select_tail(x, params, lse)
+        stats = row_stats(x, effective_temperature(params)) if given_stats else None
+        return select_tail(x, params, stats)
 
     tail = tail_of(logits)
     ref_sorted = select_sorted(torch.from_numpy(logits), params)
@@ -223,6 +224,54 @@ def test_tail_histogram_equals_full_sort(kind: str, given_lse: bool) -> None:
     with_nan[3, 17], with_inf[3, 17] = np.nan, -np.inf
     a, b = tail_of(with_nan), tail_of(with_inf)
     assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.rank, b.rank)
+
+
+def test_tail_top_token_follows_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the row statistics given, rows whose u is below the most likely
+    token's probability take that token without the histogram, as the full
+    sort's first position: the first of the maxima of x = logits / T, also
+    when two different logits round to the same x (the larger logit comes
+    later: the earlier id wins) and for exact ties. The other rows go through
+    the histogram, and only they."""
+    vocab = 3000
+    rng = np.random.default_rng(77)
+    logits = (rng.standard_normal((5, vocab)) * 0.5).astype(np.float32)
+    temps = [2.5, 0.7, 0.7, 0.7, 1.0]
+    # row 0: find a logit whose next float up divides by 2.5 to the same x, and
+    # whose own quotient was rounded up to it (it lies below 2.5 * x)
+    low, t = np.float32(40.0), torch.tensor(2.5, dtype=torch.float32)
+    while True:
+        high = np.nextafter(low, np.float32(np.inf))
+        x_low = torch.tensor(low) / t
+        if torch.equal(x_low, torch.tensor(high) / t) and float(low) < 2.5 * float(x_low):
+            break
+        low = high
+    logits[0, 100], logits[0, 2000] = low, high  # the larger logit has the larger id
+    logits[1, 50] = logits[1, 7] = 9.0  # an exact tie
+    logits[2, 1234] = 12.0  # peaked, u below the top token's probability
+    logits[3, 321] = 5.0  # its top token holds ~0.25, u above it
+    us = [0.1, 0.2, 0.5, 0.6, 0.3]  # row 4 is flat: no token holds 0.3
+    rows = [RowSettings(temps[i], 0, 1.0, 0.0, us[i]) for i in range(5)]
+    params = make_params(rows)
+    x = torch.from_numpy(logits)
+    stats = row_stats(x, effective_temperature(params))
+    histogram_rows: list[int] = []
+    real = select_module._tail_histogram
+
+    def spy(part: torch.Tensor, *args: Any) -> Selection:
+        histogram_rows.append(part.shape[0])
+        return real(part, *args)
+
+    monkeypatch.setattr(select_module, "_tail_histogram", spy)
+    got = select_tail(x, params, stats)
+    want = select_sorted(x, params)
+    assert got.token_ids.tolist()[:3] == [100, 7, 1234]
+    assert torch.equal(got.token_ids, want.token_ids)
+    assert torch.equal(got.rank, want.rank)
+    assert got.rank.tolist()[:3] == [0, 0, 0]
+    assert torch.allclose(got.prob, want.prob, rtol=1e-6)
+    assert torch.equal(got.num_candidates, want.num_candidates)
+    assert histogram_rows == [2]  # rows 3 and 4
 
 
 @pytest.mark.parametrize("block_rows", [0, 3])

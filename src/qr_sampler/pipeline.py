@@ -46,6 +46,7 @@ from qr_sampler.sampling.amplify import amplify
 from qr_sampler.sampling.select import (
     DEFAULT_CHUNK,
     DEFAULT_HEAD,
+    RowStats,
     Selection,
     SelectionParams,
     applied_temperature,
@@ -306,10 +307,11 @@ class SamplingPipeline:
             params = _selection_params(dev, t)
             entropy = out[:, _ENT].float()
             idx = _to_device(pending, sub.device)
+            stats = RowStats(max_logit, prep.stage[1], prep.stage[4], lse)
             rest = select_rest(
                 sub if pending.size == sub.shape[0] else sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),
-                lse.index_select(0, idx),
+                stats.take(idx),
             )
             token_ids = token_ids.index_copy(0, idx, rest.token_ids)
             host[pending] = self._to_host(
@@ -510,6 +512,9 @@ def _radix_rows(block: np.ndarray, vocab: int) -> np.ndarray:
 
 #: a row skips the chunked head (eager CPU) when the head's mass cannot exceed this
 HEAD_WORTH = 0.45
+#: ... or when its most likely token is at least this likely (the exact fallback
+#: answers u below that from the row statistics alone)
+TOP_FIRST = 0.9
 
 
 def _head_where_useful(
@@ -526,13 +531,16 @@ def _head_where_useful(
     tokens, each at most as likely as the top one) holds under
     :data:`HEAD_WORTH` of the mass is resolved there for less than that share
     of u, while the head costs about half a tail lookup: such rows (flat
-    distributions) go straight to the tail histogram. Only a routing decision:
+    distributions) go straight to the tail histogram. So do such rows whose
+    most likely token holds at least :data:`TOP_FIRST` of the mass (peaked
+    distributions): the fallback answers u below that without any pass over
+    the row, and pays a tail lookup for the rest. Only a routing decision:
     every answer stays exact."""
     t, lse, max_logit = stage[0], stage[2], stage[3]
     t_eff = applied_temperature(t)
-    bound = (head_size * chunk) * torch.exp(max_logit / t_eff - lse).double()
+    p_top = torch.exp(max_logit / t_eff - lse).double().cpu().numpy()
     plain = _radix_rows(block, sub.shape[-1]) & (block[:, _MINP] <= 0)
-    need = ~plain | ~(bound.cpu().numpy() < HEAD_WORTH)
+    need = ~plain | ~(((head_size * chunk) * p_top < HEAD_WORTH) | (p_top >= TOP_FIRST))
     rows = sub.shape[0]
     if need.all():
         vals, idx, exact = chunked_head(sub, t_eff, head_size, chunk)

@@ -213,6 +213,15 @@ class RowStats:
     num_finite: torch.Tensor  # int64
     lse: torch.Tensor | None  # float32 logsumexp(logits / T) when T was given
 
+    def take(self, rows: torch.Tensor) -> RowStats:
+        """The statistics of the given rows (int64 indices)."""
+        return RowStats(
+            max_logit=self.max_logit.index_select(0, rows),
+            entropy=self.entropy.index_select(0, rows),
+            num_finite=self.num_finite.index_select(0, rows),
+            lse=None if self.lse is None else self.lse.index_select(0, rows),
+        )
+
 
 #: logits per block of rows in the eager CPU statistics: a block's temporaries
 #: (four or five of its size) stay in the core's cache between passes
@@ -546,19 +555,66 @@ def untruncated(params: SelectionParams, vocab: int) -> torch.Tensor:
 
 
 def select_tail(
-    logits: torch.Tensor, params: SelectionParams, lse: torch.Tensor | None = None
+    logits: torch.Tensor, params: SelectionParams, stats: RowStats | None = None
 ) -> Selection:
     """Exact selection for untruncated rows (see :func:`untruncated`) without
     ordering the vocabulary: the probability mass is bucketed by value (64
     buckets per nat below the row maximum), the bucket holding u is found from
     the cumulative bucket masses, and only that bucket's tokens are ordered (by
     value, then token id). Rank = tokens in the buckets above + position there.
-    ``lse``: logsumexp(logits / T) per row where already known (the row
-    statistics'), else computed here.
+
+    ``stats``: the rows' :func:`row_stats` at their temperatures, where known.
+    Then a row whose u lies below its most likely token's probability takes
+    that token (the first of its maxima, the full sort's first position)
+    straight from them and one comparison pass (peaked rows, most of a
+    language model's, need no histogram), and the other rows reuse the
+    normaliser.
 
     Meant for the few rows the head leaves (a few passes over the rows, one
     small sort of the chosen buckets' tokens; host syncs, so used on the CPU).
     """
+    if stats is None or stats.lse is None:
+        return _tail_histogram(logits, params, None)
+    u = params.u.double()
+    t = effective_temperature(params)
+    x_max = stats.max_logit.float() / t  # the largest x = logits / T (division keeps order)
+    p_top = torch.exp(x_max - stats.lse).double()  # as every path computes p of that x
+    first = torch.isfinite(p_top) & (u < p_top)  # (+inf or NaN logits: not finite)
+    if not bool(first.any()):
+        return _tail_histogram(logits, params, stats.lse)
+    zero = torch.zeros_like(stats.num_finite)
+    top = Selection(_first_at(logits, x_max, t), zero, p_top, stats.num_finite)
+    if bool(first.all()):
+        return top
+    rest = torch.nonzero(~first).squeeze(1)
+    part = _tail_histogram(
+        logits.index_select(0, rest), _take(params, rest), stats.lse.index_select(0, rest)
+    )
+    return _merge(top, rest, part)
+
+
+def _first_at(logits: torch.Tensor, x_max: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per row, the smallest token id whose x = logits / t equals ``x_max``, the
+    row's largest x (finite). One comparison pass over the logits: x rounds to
+    ``x_max`` only for logits within half a unit in the last place of t *
+    ``x_max``, so every such token is at or above a bound two units below it;
+    only those few have x computed (as every path computes it) and compared."""
+    rows, vocab = logits.shape
+    spacing = torch.nextafter(x_max.abs(), torch.full_like(x_max, float("inf"))) - x_max.abs()
+    bound = (t.double() * (x_max.double() - 2 * spacing.double())).float()
+    bound = torch.nextafter(bound, torch.full_like(bound, float("-inf")))  # rounded down
+    hit = torch.nonzero(logits.float() >= bound.unsqueeze(1))
+    r, ids = hit[:, 0], hit[:, 1]
+    at_max = (logits[r, ids].float() / t[r]) == x_max[r]
+    found = torch.full((rows,), vocab, dtype=torch.int64, device=logits.device)
+    return found.scatter_reduce_(0, r, torch.where(at_max, ids, vocab), "amin")
+
+
+def _tail_histogram(
+    logits: torch.Tensor, params: SelectionParams, lse: torch.Tensor | None
+) -> Selection:
+    """:func:`select_tail`'s histogram search (``lse``: the rows' normaliser
+    where known)."""
     rows, vocab = logits.shape
     dev = logits.device
     t = effective_temperature(params)
@@ -571,6 +627,11 @@ def select_tail(
         lse = torch.logsumexp(x, dim=-1)
     elif not bool(torch.isfinite(lse).all()):  # e.g. a NaN logit: that row's own
         lse = torch.where(torch.isfinite(lse), lse, torch.logsumexp(x, dim=-1))
+    if bool(x.amin() > float("-inf")):  # the usual case; a bool count is the slowest pass
+        num_finite = torch.full((rows,), vocab, dtype=torch.int64, device=dev)
+    else:
+        num_finite = torch.isfinite(x).sum(dim=-1)
+    u = params.u.double()
     p = torch.exp(x - lse.unsqueeze(1)).double()
     top = TAIL_BUCKETS - 1
     spread = torch.sub(m, x).mul_(TAIL_BUCKETS_PER_NAT)
@@ -582,15 +643,10 @@ def select_tail(
     count.scatter_add_(1, bucket, one.expand(rows, vocab))
     cum_mass = mass.cumsum(dim=1)
     cum_count = count.cumsum(dim=1)
-    u = params.u.double()
     crossing = (cum_mass <= u.unsqueeze(1)).sum(dim=1)
     # u at or past the total mass (rounding): the last bucket that holds mass
     last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=dev), 0).amax(dim=1)
     crossing = torch.minimum(crossing, last)
-    if bool(x.amin() > float("-inf")):  # the usual case; a bool count is the slowest pass
-        num_finite = torch.full_like(crossing, vocab)
-    else:
-        num_finite = torch.isfinite(x).sum(dim=-1)
     # the chosen buckets' tokens, every row at once: (row, id) pairs in id order,
     # then by row, value (descending) and id, through two stable sorts
     hit = torch.nonzero(bucket == crossing.unsqueeze(1))
@@ -760,23 +816,23 @@ def _nth_true(
 
 
 def select_rest(
-    logits: torch.Tensor, params: SelectionParams, lse: torch.Tensor | None = None
+    logits: torch.Tensor, params: SelectionParams, stats: RowStats | None = None
 ) -> Selection:
     """The exact answer for a few rows the head could not resolve: the tail
-    histogram for untruncated rows on the CPU (``lse``: their logsumexp(logits /
-    T) where known), the full sort otherwise."""
+    histogram for untruncated rows on the CPU (``stats``: the rows' statistics
+    where known), the full sort otherwise."""
     if logits.device.type != "cpu":
         return select_sorted(logits, params)
     plain = untruncated(params, logits.shape[-1])
     if not bool(plain.any()):
         return select_sorted(logits, params)
     if bool(plain.all()):  # no copy of the rows
-        return select_tail(logits, params, lse)
+        return select_tail(logits, params, stats)
     tail_rows = torch.nonzero(plain).squeeze(1)
     tail = select_tail(
         logits.index_select(0, tail_rows),
         _take(params, tail_rows),
-        None if lse is None else lse.index_select(0, tail_rows),
+        None if stats is None else stats.take(tail_rows),
     )
     other = torch.nonzero(~plain).squeeze(1)
     rest = select_sorted(logits.index_select(0, other), _take(params, other))
