@@ -533,8 +533,8 @@ def _head_where_useful(
     of u, while the head costs about half a tail lookup: such rows (flat
     distributions) go straight to the tail histogram. So do such rows whose
     most likely token holds at least :data:`TOP_FIRST` of the mass (peaked
-    distributions): the fallback answers u below that without any pass over
-    the row, and pays a tail lookup for the rest. Only a routing decision:
+    distributions): the fallback answers u below that with one comparison
+    pass, and pays a tail lookup for the rest. Only a routing decision:
     every answer stays exact."""
     t, lse, max_logit = stage[0], stage[2], stage[3]
     t_eff = applied_temperature(t)

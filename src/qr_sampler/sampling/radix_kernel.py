@@ -390,9 +390,10 @@ class _Relauncher:
     """Launches one Triton kernel; after its first launch for a given
     specialisation, straight through the compiled kernel's own launcher.
 
-    Triton binds and specialises every argument on every launch (about 50 µs
-    of host time here, nine launches a step: batches up to ~64 are bound by
-    it). The key of the cache below holds everything that specialisation reads,
+    Triton binds and specialises every argument on every launch: 17-33 µs of
+    host time per launch measured on an H100 host, nine launches a step, and
+    up to batch ~64 the search is bound by the host. The key of the cache
+    below holds everything that specialisation reads,
     so a hit launches exactly the kernel Triton would: the device, the grid,
     the compile-time constants, every integer argument's value and every
     tensor's dtype and address modulo 16. A first launch and the interpreter
