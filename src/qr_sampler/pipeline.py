@@ -62,6 +62,7 @@ from qr_sampler.sampling.select import (
     select_rest,
     select_sorted,
     set_fused_kernels,
+    top_token_probability,
 )
 from qr_sampler.sampling.temperature import temperatures
 
@@ -305,9 +306,9 @@ class SamplingPipeline:
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
         if pending.size:
             params = _selection_params(dev, t)
-            entropy = out[:, _ENT].float()
+            entropy = prep.stage[1]  # the result block's entropy column, as computed
             idx = _to_device(pending, sub.device)
-            stats = RowStats(max_logit, prep.stage[1], prep.stage[4], lse)
+            stats = RowStats(max_logit, entropy, prep.stage[4], lse)
             rest = select_rest(
                 sub if pending.size == sub.shape[0] else sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),
@@ -538,7 +539,7 @@ def _head_where_useful(
     every answer stays exact."""
     t, lse, max_logit = stage[0], stage[2], stage[3]
     t_eff = applied_temperature(t)
-    p_top = torch.exp(max_logit / t_eff - lse).double().cpu().numpy()
+    p_top = top_token_probability(max_logit, t_eff, lse)[1].cpu().numpy()
     plain = _radix_rows(block, sub.shape[-1]) & (block[:, _MINP] <= 0)
     need = ~plain | ~(((head_size * chunk) * p_top < HEAD_WORTH) | (p_top >= TOP_FIRST))
     rows = sub.shape[0]

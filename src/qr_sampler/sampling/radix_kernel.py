@@ -408,9 +408,9 @@ class _Relauncher:
         self.compiled: dict[tuple[Any, ...], Any] = {}
         params = list(getattr(fn, "params", []))
         self.constexprs = [p.name for p in params if p.is_constexpr]
-        self.n_args = len(params) - len(self.constexprs)
+        n_args = len(params) - len(self.constexprs)
         # the launcher takes every parameter in order: constants must come last
-        self.direct = not _INTERPRETED and all(p.is_constexpr for p in params[self.n_args :])
+        self.direct = not _INTERPRETED and all(p.is_constexpr for p in params[n_args:])
 
     def __call__(
         self, device: int, grid: tuple[int, ...], args: tuple[Any, ...], consts: dict[str, Any]

@@ -577,8 +577,7 @@ def select_tail(
         return _tail_histogram(logits, params, None)
     u = params.u.double()
     t = effective_temperature(params)
-    x_max = stats.max_logit.float() / t  # the largest x = logits / T (division keeps order)
-    p_top = torch.exp(x_max - stats.lse).double()  # as every path computes p of that x
+    x_max, p_top = top_token_probability(stats.max_logit, t, stats.lse)
     first = torch.isfinite(p_top) & (u < p_top)  # (+inf or NaN logits: not finite)
     if not bool(first.any()):
         return _tail_histogram(logits, params, stats.lse)
@@ -591,6 +590,16 @@ def select_tail(
         logits.index_select(0, rest), _take(params, rest), stats.lse.index_select(0, rest)
     )
     return _merge(top, rest, part)
+
+
+def top_token_probability(
+    max_logit: torch.Tensor, t: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the largest x = logits / t (from the largest logit: division by
+    t > 0 keeps the order) and its probability exp(x - lse), computed as every
+    selection path computes p (float32, then float64)."""
+    x_max = max_logit.float() / t.float()
+    return x_max, torch.exp(x_max - lse).double()
 
 
 def _first_at(logits: torch.Tensor, x_max: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
