@@ -274,6 +274,31 @@ def test_tail_top_token_follows_the_full_sort(monkeypatch: pytest.MonkeyPatch) -
     assert histogram_rows == [2]  # rows 3 and 4
 
 
+def test_first_maximum_when_an_earlier_token_is_just_below_it() -> None:
+    """The top token's id (the first maximum of x = logits / T): numpy's quick
+    answer, the first token at or above the bound, is refused when that token's
+    x is below the maximum (here one float below it, earlier in the row), and
+    the comparison pass then finds the true first maximum; rows without such a
+    token keep the quick answer."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((3, 500)) * 0.5).astype(np.float32)
+    top = np.float32(6.0)
+    logits[0, 40], logits[0, 10] = top, np.nextafter(top, np.float32(0))  # earlier, just below
+    logits[1, 300] = top
+    logits[2, 90] = logits[2, 60] = top  # an exact tie: the earlier id
+    x = torch.from_numpy(logits)
+    t = torch.ones(3, dtype=torch.float32)
+    x_max = x.amax(dim=-1) / t
+    want = [int(np.flatnonzero(row / 1.0 == row.max())[0]) for row in logits]
+    assert want == [40, 300, 60]
+    assert select_module._first_at(x, x_max, t).tolist() == want
+    bound = torch.full((3,), float(np.nextafter(top, np.float32(0))) - 1e-6)
+    assert select_module._first_candidate(x, x_max, t, bound) is None  # row 0 refuses it
+    assert select_module._first_at(x[1:], x_max[1:], t[1:]).tolist() == want[1:]
+    quick = select_module._first_candidate(x[1:], x_max[1:], t[1:], bound[1:])
+    assert quick is not None and quick.tolist() == want[1:]
+
+
 @pytest.mark.parametrize("block_rows", [0, 3])
 def test_row_stats_match_float64(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Entropy at T = 1, finite count and logsumexp(logits / T) against float64;

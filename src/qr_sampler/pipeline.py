@@ -274,6 +274,7 @@ class SamplingPipeline:
         )
         if pick_rows:
             stage = _head_where_useful(sub, block, stage, head_size, chunk)
+            use_head = stage[7].shape[0] > 0 and bool(stage[7].any())  # some row has a head
         return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -281,6 +282,13 @@ class SamplingPipeline:
         to the host (the step's sync) and the rare exact fallback."""
         sub, dev = prep.sub, prep.dev
         dev[:, _U] = _to_device(np.asarray(u, dtype=np.float64), sub.device)
+        t, entropy, lse, max_logit = prep.stage[:4]
+        stats = RowStats(max_logit, entropy, prep.stage[4], lse)
+        if not (prep.use_head or prep.use_radix):
+            # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
+            # row takes the exact fallback straight away
+            rest = select_rest(sub, _selection_params(dev, t), stats)
+            return rest.token_ids, self._to_host(rest, torch.ones_like(rest.rank), t, entropy)
         token_ids, out = call_fused(
             "pipeline_finish",
             _device_finish,
@@ -292,7 +300,6 @@ class SamplingPipeline:
             prep.use_radix and prep.mode == "torch",
             prep.small,
         )
-        t, lse, max_logit = prep.stage[0], prep.stage[2], prep.stage[3]
         if prep.use_radix and prep.mode == "kernel":
             from qr_sampler.sampling.radix_kernel import radix_into
 
@@ -306,9 +313,7 @@ class SamplingPipeline:
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
         if pending.size:
             params = _selection_params(dev, t)
-            entropy = prep.stage[1]  # the result block's entropy column, as computed
             idx = _to_device(pending, sub.device)
-            stats = RowStats(max_logit, entropy, prep.stage[4], lse)
             rest = select_rest(
                 sub if pending.size == sub.shape[0] else sub.index_select(0, idx),
                 SelectionParams(*(getattr(params, f).index_select(0, idx) for f in _PARAM_FIELDS)),

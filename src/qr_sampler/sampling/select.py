@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
@@ -261,22 +262,23 @@ def _row_stats_block(
     logits: torch.Tensor, t: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     x = logits.float()
-    m = x.amax(dim=-1, keepdim=True)
-    d = x - m
     # eager on the CPU a host-side check is free: a batch without -inf (the
     # usual case) skips the clamp and the finite count (a bool sum, the slowest
     # pass there); compiled or on a GPU both always run (fused, no sync)
-    all_finite = (
-        x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and bool(torch.isfinite(x.amin()))
-    )
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    m = x.amax(dim=-1, keepdim=True)
+    all_finite = eager_cpu and bool(torch.isfinite(x.amin()))
+    d = x - m
     if not all_finite:
         # -inf becomes the most negative float so that exp(d) * d = 0
         d = d.clamp_(min=torch.finfo(torch.float32).min)
     e = torch.exp(d)
     s = e.sum(dim=-1)
-    entropy = torch.log(s) - torch.linalg.vecdot(e, d) / s
+    if eager_cpu:  # BLAS dot products: ~2x faster there than vecdot
+        dots = torch.stack([torch.dot(e[i], d[i]) for i in range(x.shape[0])])
+    else:
+        dots = torch.linalg.vecdot(e, d)
+    entropy = torch.log(s) - dots / s
     if all_finite:
         num_finite = torch.full_like(s, x.shape[-1], dtype=torch.int64)
     else:
@@ -284,7 +286,8 @@ def _row_stats_block(
     lse = None
     if t is not None:
         tt = t.float()
-        lse = m.squeeze(1) / tt + torch.log(torch.exp(d / tt.unsqueeze(1)).sum(dim=-1))
+        scaled = d.div_(tt.unsqueeze(1)).exp_()  # d is not needed any more
+        lse = m.squeeze(1) / tt + torch.log(scaled.sum(dim=-1))
     return m.squeeze(1), entropy, num_finite, lse
 
 
@@ -612,11 +615,31 @@ def _first_at(logits: torch.Tensor, x_max: torch.Tensor, t: torch.Tensor) -> tor
     spacing = torch.nextafter(x_max.abs(), torch.full_like(x_max, float("inf"))) - x_max.abs()
     bound = (t.double() * (x_max.double() - 2 * spacing.double())).float()
     bound = torch.nextafter(bound, torch.full_like(bound, float("-inf")))  # rounded down
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        found = _first_candidate(logits, x_max, t, bound)
+        if found is not None:
+            return found
     hit = torch.nonzero(logits.float() >= bound.unsqueeze(1))
     r, ids = hit[:, 0], hit[:, 1]
     at_max = (logits[r, ids].float() / t[r]) == x_max[r]
     found = torch.full((rows,), vocab, dtype=torch.int64, device=logits.device)
     return found.scatter_reduce_(0, r, torch.where(at_max, ids, vocab), "amin")
+
+
+def _first_candidate(
+    logits: torch.Tensor, x_max: torch.Tensor, t: torch.Tensor, bound: torch.Tensor
+) -> torch.Tensor | None:
+    """:func:`_first_at` in the usual case, eager on the CPU: each row's first
+    token at or above ``bound`` (numpy's comparison and argmax over a bool
+    array, ~10 us a row against ~200 for torch's comparison and nonzero). It is
+    the answer when its x equals ``x_max`` (tokens before it are below the
+    bound, so below the maximum); None when that fails in any row."""
+    values = logits.float()
+    first = torch.from_numpy(
+        np.argmax(values.numpy() >= bound.numpy()[:, None], axis=1).astype(np.int64)
+    )
+    at = values.gather(1, first.unsqueeze(1)).squeeze(1)
+    return first if bool(((at / t) == x_max).all()) else None
 
 
 def _tail_histogram(
