@@ -352,6 +352,8 @@ class SamplingPipeline:
         sel: Selection, resolved: torch.Tensor, t: torch.Tensor, entropy: torch.Tensor
     ) -> np.ndarray:
         cols = [sel.token_ids, sel.rank, sel.prob, sel.num_candidates, resolved, t, entropy]
+        if sel.token_ids.device.type == "cpu":  # the same float64 block, without torch's ops
+            return np.column_stack([c.numpy().astype(np.float64) for c in cols])
         return torch.stack([c.double() for c in cols], dim=1).cpu().numpy()
 
     # -- the whole step --------------------------------------------------------
@@ -591,16 +593,19 @@ def _device_prepare(
     counts and, with ``use_head``, the chunked head (values, ids, exact length;
     empty otherwise)."""
     stats = row_stats(sub, fixed_t, fused=False)
-    t, entropy = temperatures(
-        sub,
-        is_edt=dev[:, _EDT] > 0,
-        fixed=dev[:, _FIXED].float(),
-        base=dev[:, _BASE].float(),
-        exponent=dev[:, _EXP].float(),
-        t_min=dev[:, _TMIN].float(),
-        t_max=dev[:, _TMAX].float(),
-        entropy=stats.entropy,
-    )
+    if fixed_t is not None:  # no EDT row: every temperature is the fixed one
+        t, entropy = dev[:, _FIXED].float(), stats.entropy
+    else:
+        t, entropy = temperatures(
+            sub,
+            is_edt=dev[:, _EDT] > 0,
+            fixed=dev[:, _FIXED].float(),
+            base=dev[:, _BASE].float(),
+            exponent=dev[:, _EXP].float(),
+            t_min=dev[:, _TMIN].float(),
+            t_max=dev[:, _TMAX].float(),
+            entropy=stats.entropy,
+        )
     t_eff = applied_temperature(t)
     lse = stats.lse
     if lse is None:
