@@ -743,10 +743,22 @@ def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch)
     assert seen == [24 - plain_flat], seen  # only the rows that can use it
     checked = _checked_against_full_sort(logits, rows, u, token_ids, host)
     assert checked >= 20, checked
-    # a batch of plain flat rows only: no head at all, still exact
+    # a batch of plain flat rows only: no head at all, so no head selection
+    # either (every row straight to the exact fallback), still exact
+    finishes: list[int] = []
+    real_finish = pipeline_mod._device_finish
+
+    def finish_spy(sub: torch.Tensor, *args: Any) -> Any:
+        finishes.append(sub.shape[0])
+        return real_finish(sub, *args)
+
+    monkeypatch.setattr(pipeline_mod, "_device_finish", finish_spy)
     flat, plain = _logits(rng, "flat", 8, vocab), [RowState.of(SamplingConfig())] * 8
     u = rng.uniform(1e-10, 1 - 1e-10, 8)
     token_ids, host = pipe.choose(torch.from_numpy(flat.copy()), None, plain, u)
     assert seen == [24 - plain_flat], seen
+    assert finishes == [], finishes
     assert _checked_against_full_sort(flat, plain, u, token_ids, host) >= 7
+    token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u=u.repeat(3))
+    assert finishes == [24], finishes  # rows with a head: the head selection runs
     pipe.close()
