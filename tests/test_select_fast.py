@@ -226,6 +226,20 @@ def test_tail_histogram_equals_full_sort(kind: str, given_stats: bool) -> None:
     assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.rank, b.rank)
 
 
+def _spy_rows(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """Wrap ``module.name``; the returned list receives the row count of the
+    tensor passed first to each call."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def spy(first: torch.Tensor, *args: Any) -> Any:
+        calls.append(first.shape[0])
+        return real(first, *args)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
 def test_tail_top_token_follows_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the row statistics given, rows whose u is below the most likely
     token's probability take that token without the histogram, as the full
@@ -255,14 +269,7 @@ def test_tail_top_token_follows_the_full_sort(monkeypatch: pytest.MonkeyPatch) -
     params = make_params(rows)
     x = torch.from_numpy(logits)
     stats = row_stats(x, effective_temperature(params))
-    histogram_rows: list[int] = []
-    real = select_module._tail_histogram
-
-    def spy(part: torch.Tensor, *args: Any) -> Selection:
-        histogram_rows.append(part.shape[0])
-        return real(part, *args)
-
-    monkeypatch.setattr(select_module, "_tail_histogram", spy)
+    histogram_rows = _spy_rows(monkeypatch, select_module, "_tail_histogram")
     got = select_tail(x, params, stats)
     want = select_sorted(x, params)
     assert got.token_ids.tolist()[:3] == [100, 7, 1234]
@@ -719,14 +726,7 @@ def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch)
     still equals the full sort."""
     import qr_sampler.pipeline as pipeline_mod
 
-    seen: list[int] = []
-    real_head = pipeline_mod.chunked_head
-
-    def spy(logits: torch.Tensor, *args: object) -> object:
-        seen.append(logits.shape[0])
-        return real_head(logits, *args)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(pipeline_mod, "chunked_head", spy)
+    seen = _spy_rows(monkeypatch, pipeline_mod, "chunked_head")
     rng = np.random.default_rng(61)
     vocab = 20_000
     settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
@@ -745,14 +745,7 @@ def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch)
     assert checked >= 20, checked
     # a batch of plain flat rows only: no head at all, so no head selection
     # either (every row straight to the exact fallback), still exact
-    finishes: list[int] = []
-    real_finish = pipeline_mod._device_finish
-
-    def finish_spy(sub: torch.Tensor, *args: Any) -> Any:
-        finishes.append(sub.shape[0])
-        return real_finish(sub, *args)
-
-    monkeypatch.setattr(pipeline_mod, "_device_finish", finish_spy)
+    finishes = _spy_rows(monkeypatch, pipeline_mod, "_device_finish")
     flat, plain = _logits(rng, "flat", 8, vocab), [RowState.of(SamplingConfig())] * 8
     u = rng.uniform(1e-10, 1 - 1e-10, 8)
     token_ids, host = pipe.choose(torch.from_numpy(flat.copy()), None, plain, u)
