@@ -335,6 +335,36 @@ def test_row_stats_match_float64(block_rows: int, monkeypatch: pytest.MonkeyPatc
     assert torch.allclose(again.double(), lse, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_rows", [0, 1, 3])
+def test_row_stats_rows_with_nan_or_inf(block_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A NaN or +inf logit makes its row's statistics NaN, and the finite
+    count counts every logit above -inf (eager on the CPU a block without -inf
+    or NaN skips the clamp and the count); the other rows keep exact
+    statistics, in their own block or in the same one (``block_rows`` 0: one
+    block for all)."""
+    if block_rows:
+        monkeypatch.setattr(select_module, "CPU_BLOCK_ELEMENTS", 3000 * block_rows)
+    rng = np.random.default_rng(11)
+    logits = (rng.standard_normal((6, 3000)) * 2).astype(np.float32)
+    logits[1, 5] = np.nan
+    logits[2, 9] = np.inf
+    logits[3, :100] = -np.inf
+    x = torch.from_numpy(logits)
+    t = torch.full((6,), 0.7)
+    stats = row_stats(x, t)
+    assert stats.lse is not None
+    assert stats.num_finite.tolist() == [3000, 2999, 3000, 2900, 3000, 3000]
+    for row in (1, 2):
+        assert not bool(torch.isfinite(stats.entropy[row]) | torch.isfinite(stats.lse[row]))
+    good = [0, 3, 4, 5]
+    x64 = x[good].double()
+    logp = torch.log_softmax(x64, dim=-1)
+    ent = -(logp.exp() * torch.nan_to_num(logp, neginf=0.0)).sum(-1)
+    assert torch.allclose(stats.entropy[good].double(), ent, rtol=1e-5, atol=1e-6)
+    lse = torch.logsumexp(x64 / 0.7, dim=-1)
+    assert torch.allclose(stats.lse[good].double(), lse, rtol=1e-6, atol=1e-5)
+
+
 def _mixed_batch(
     pipe: SamplingPipeline,
     rng: np.random.Generator,
