@@ -281,6 +281,11 @@ def test_tail_top_token_follows_the_full_sort(monkeypatch: pytest.MonkeyPatch) -
     assert histogram_rows == [2]  # rows 3 and 4
 
 
+def _quick(x: torch.Tensor, x_max: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """numpy's quick answer for the top token's id, with :func:`_first_at`'s bound."""
+    return select_module._first_candidate(x, x_max, t, select_module._bound_below(x_max, t))
+
+
 def test_first_maximum_when_an_earlier_token_is_just_below_it() -> None:
     """The top token's id (the first maximum of x = logits / T): numpy's quick
     answer, the first token at or above the bound, is refused when that token's
@@ -299,13 +304,13 @@ def test_first_maximum_when_an_earlier_token_is_just_below_it() -> None:
     want = [int(np.flatnonzero(row / 1.0 == row.max())[0]) for row in logits]
     assert want == [40, 300, 60]
     assert select_module._first_at(x, x_max, t).tolist() == want
-    assert select_module._first_candidate(x, x_max, t) is None  # row 0 refuses it
+    assert _quick(x, x_max, t) is None  # row 0 refuses it
     assert select_module._first_at(x[1:], x_max[1:], t[1:]).tolist() == want[1:]
-    quick = select_module._first_candidate(x[1:], x_max[1:], t[1:])
+    quick = _quick(x[1:], x_max[1:], t[1:])
     assert quick is not None and quick.tolist() == want[1:]
     # a row whose maximum is not finite does not matter (it never takes the top token)
     x_max[2] = float("nan")
-    quick = select_module._first_candidate(x[1:], x_max[1:], t[1:])
+    quick = _quick(x[1:], x_max[1:], t[1:])
     assert quick is not None and quick.tolist()[0] == want[1]
 
 

@@ -274,7 +274,7 @@ class SamplingPipeline:
         )
         if pick_rows:
             stage = _head_where_useful(sub, block, stage, head_size, chunk)
-            use_head = stage[7].shape[0] > 0 and bool(stage[7].any())  # some row has a head
+            use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
         return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -553,9 +553,9 @@ def _head_where_useful(
     if need.all():
         vals, idx, exact = chunked_head(sub, t_eff, head_size, chunk)
         return (*stage[:5], vals, idx, exact)
-    which = torch.from_numpy(np.flatnonzero(need)).to(sub.device)
     head = None
     if need.any():
+        which = torch.from_numpy(np.flatnonzero(need)).to(sub.device)
         head = chunked_head(
             sub.index_select(0, which), t_eff.index_select(0, which), head_size, chunk
         )
