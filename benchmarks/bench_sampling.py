@@ -54,6 +54,7 @@ VOCAB = 151_936
 HEAD = DEFAULT_HEAD  # chunks ordered by the pipeline's head (--head)
 CHUNK = 0  # token ids per chunk (--chunk; 0: the pipeline's default for the device)
 RADIX = "auto"  # selection of rows without top-k/top-p (--radix)
+GRAPHS = "on"  # CUDA graphs of the device step: on, off, or both (--graphs)
 
 
 def _randn3(batch: int, gen: torch.Generator) -> torch.Tensor:
@@ -168,7 +169,7 @@ def count_syncs(fn: Callable[[], Any]) -> int:
             fn()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return sum("called a synchronizing" in str(w.message) for w in caught)
 
 
 def run(
@@ -218,16 +219,24 @@ class Case:
         self.work = torch.empty_like(sources[0])
         self.turn = 0
         self.rows = [RowState.of(config, f"r{i}") for i in range(self.batch)]
-        self.pipe = SamplingPipeline(
-            settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
-        )
-        self.pipe.chunk = CHUNK or None
-        self.pipe.radix = None if RADIX == "auto" else RADIX
+        self.pipe = self._pipeline(settings, GRAPHS != "off")
+        # --graphs both: the same step without graphs, timed in the same rounds
+        self.eager = self._pipeline(settings, False) if GRAPHS == "both" else None
         b = self.batch
         self.temp = torch.full((b,), config.fixed_temperature, device=device)
         self.k = torch.full((b,), config.top_k, device=device) if config.top_k else None
         self.p = torch.full((b,), config.top_p, device=device) if config.top_p < 1 else None
         self.u = np.random.default_rng(b).random(b)
+
+    @staticmethod
+    def _pipeline(settings: Any, graphs: bool) -> SamplingPipeline:
+        pipe = SamplingPipeline(
+            settings, source=PoolSource(), sink=RecordSink(None), head_size=HEAD
+        )
+        pipe.chunk = CHUNK or None
+        pipe.radix = None if RADIX == "auto" else RADIX
+        pipe.graphs.enabled = graphs
+        return pipe
 
     def refill(self) -> None:
         self.work.copy_(self.sources[self.turn % len(self.sources)])
@@ -251,6 +260,12 @@ def _measure(
         "math_ms": case.math_step,
         "step_ms": case.step,
     }
+    eager = case.eager
+    if eager is not None:
+        fns["math_eager_ms"] = lambda: force_tokens(
+            case.work, None, eager.choose(case.work, None, case.rows, case.u)[0]
+        )
+        fns["step_eager_ms"] = lambda: eager.sample(case.work, case.rows)
     if cpu_forward is not None:
         fns["vllm_cpu_fused_ms"] = lambda: cpu_forward(case.work, case.temp, case.k, case.p)
     cells: dict[str, Any] = {"batch": case.batch}
@@ -267,7 +282,10 @@ def _measure(
         cells["syncs_native"] = count_syncs(fns["native_ms"])
         case.refill()
         cells["syncs_step"] = count_syncs(case.step)
+    cells["graphs_captured"] = case.pipe.graphs.captures
     case.pipe.close()
+    if eager is not None:
+        eager.close()
     return cells
 
 
@@ -296,6 +314,12 @@ def _row(c: dict[str, Any]) -> str:
     extra = ""
     if "vllm_cpu_fused_ms" in c:
         extra += f"  (vLLM fused CPU sampler {c['vllm_cpu_fused_ms']:.2f} ms)"
+    if "step_eager_ms" in c:
+        m, st = c["math_eager_ms"], c["step_eager_ms"]
+        extra += f"  no graphs: math {m:.3f} ms ({m / c['native_ms']:.2f}x)"
+        extra += f" step {st:.3f} ms ({st / c['native_ms']:.2f}x)"
+    if c.get("graphs_captured"):
+        extra += f"  graphs {c['graphs_captured']}"
     if "syncs_step" in c:
         extra += f"  syncs/step {c['syncs_step']} (native {c['syncs_native']})"
     return (
@@ -361,6 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         "on CUDA, the chunked head on the CPU), the chunked head (off) or the exact "
         "radix search",
     )
+    ap.add_argument(
+        "--graphs",
+        choices=["on", "off", "both"],
+        default="on",
+        help="CUDA graphs of the device step (both: also time the step without them)",
+    )
     ap.add_argument("--profile", action="store_true", help="print the top kernels of one step")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--json", default="", help="write the results here")
@@ -381,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         f"(CPU too: {args.compile_cpu}); "
         f"head {args.head} chunks of {args.chunk}; radix search {args.radix}"
     )
-    global HEAD, CHUNK, RADIX
-    HEAD, CHUNK, RADIX = args.head, args.chunk, args.radix
+    global HEAD, CHUNK, RADIX, GRAPHS
+    HEAD, CHUNK, RADIX, GRAPHS = args.head, args.chunk, args.radix, args.graphs
     batches = [int(b) for b in args.batches.split(",")]
     results = run(device, batches, args.iters, args.budget_s)
     limit, floor = (2.0, 8) if device.type == "cpu" else (1.5, 64)

@@ -354,6 +354,12 @@ class QRSettings(BaseSettings):
         "'auto', 'on' or 'off'",
         "torch.compile the sampling step (auto = on CUDA only; on = also on the CPU).",
     )
+    cuda_graphs: Literal["auto", "off"] = _f(
+        "auto",
+        "'auto' or 'off'",
+        "Replay the CUDA sampling step as CUDA graphs once a batch shape repeats "
+        "(auto = on CUDA; off = always launch kernel by kernel).",
+    )
 
     # --- sampling defaults (overridable per request) ---------------------
     signal_amplifier_type: Literal["zscore_mean"] = _same("signal_amplifier_type")

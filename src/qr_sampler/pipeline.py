@@ -65,8 +65,11 @@ from qr_sampler.sampling.select import (
     top_token_probability,
 )
 from qr_sampler.sampling.temperature import temperatures
+from qr_sampler.step_graphs import StepGraph, StepGraphs
 
 logger = logging.getLogger("qr_sampler")
+
+Stage = tuple[torch.Tensor, ...]
 
 # columns of the per-row parameter block sent to the device
 _U, _FIXED, _EDT, _BASE, _EXP, _TMIN, _TMAX, _TOPK, _TOPP, _MINP = range(10)
@@ -147,7 +150,9 @@ class _Prepared:
     use_radix: bool
     use_head: bool
     small: bool  # vocabulary too small for a head: full sort
-    stage: tuple[torch.Tensor, ...]  # _device_prepare's outputs
+    stage: Stage  # _device_prepare's outputs
+    which: torch.Tensor | None = None  # rows of the radix kernel (device ids)
+    graph: StepGraph | None = None  # the captured step these ran in, if any
 
 
 class SamplingPipeline:
@@ -182,6 +187,9 @@ class SamplingPipeline:
         self.listeners = list(listeners)
         self.config_hash = settings.config_hash()
         self.step = 0
+        #: captured CUDA graphs of the device step (see :mod:`qr_sampler.step_graphs`)
+        self.graphs = StepGraphs()
+        self.graphs.enabled = settings.cuda_graphs == "auto"
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         if settings.fused_kernels == "off":
@@ -243,17 +251,16 @@ class SamplingPipeline:
         the chunked head. :meth:`sample` runs it while the entropy is fetched."""
         block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
         dev = _to_device(block, logits.device)
-        sub = logits if row_index is None else logits.index_select(0, row_index)
         fixed_t = None
         if not block[:, _EDT].any():  # temperatures known now: one pass gives every statistic
             fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0).astype(np.float32)
             fixed_t = _to_device(fixed, logits.device)
         mode = self._radix_mode(logits.device)
-        radix = _radix_rows(block, sub.shape[-1]) if mode != "off" else np.zeros(len(rows), bool)
+        vocab = logits.shape[-1]
+        radix = _radix_rows(block, vocab) if mode != "off" else np.zeros(len(rows), bool)
         use_radix, use_head = bool(radix.any()), not bool(radix.all())
         head_size = _head_for(block, self.head_size)
         chunk = self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK)
-        vocab = sub.shape[-1]
         n_full = vocab // chunk
         small = n_full == 0 or n_full + (1 if vocab % chunk else 0) <= head_size
         head_now = use_head and not small
@@ -261,54 +268,71 @@ class SamplingPipeline:
         # is built only for rows it can plausibly resolve (see _head_where_useful)
         pick_rows = head_now and not fused_ready("pipeline_prepare", logits.device)
         pick_rows = pick_rows and logits.device.type == "cpu"
-        stage = call_fused(
-            "pipeline_prepare",
-            _device_prepare,
-            logits.device,
-            sub,
-            dev,
-            fixed_t,
-            head_size,
-            chunk,
-            head_now and not pick_rows,
-        )
+
+        def prepare_on(s: torch.Tensor, d: torch.Tensor, f: torch.Tensor | None) -> Stage:
+            return call_fused(  # type: ignore[no-any-return]
+                "pipeline_prepare", _device_prepare, s.device, s, d, f, head_size, chunk, head_now
+            )
+
+        which = None
+        if use_radix and mode == "kernel":
+            which = _to_device(np.flatnonzero(radix).astype(np.int64), logits.device)
+        flags = (use_head, use_radix, mode, small, which)
+        if logits.device.type == "cuda" and self.graphs.enabled:
+            key: tuple[object, ...] = (logits.dtype, logits.device, vocab, row_index is None)
+            key += (fixed_t is None, radix.tobytes(), head_size, chunk, *flags[:4], head_now)
+            graph = self.graphs.get(
+                key,
+                lambda: (
+                    logits if row_index is None else logits.index_select(0, row_index),
+                    dev,
+                    fixed_t,
+                ),
+                prepare_on,
+                lambda s, d, u, st: _select_on_device(s, d, u, st, *flags),
+                () if which is None else (which,),
+            )
+            if graph is not None:
+                graph.run_prepare(logits, row_index, dev, fixed_t)
+                prep = (graph.sub, graph.dev, mode, radix, use_radix, use_head, small)
+                return _Prepared(*prep, graph.stage, which, graph)
+        sub = logits if row_index is None else logits.index_select(0, row_index)
         if pick_rows:
+            stage = call_fused(
+                "pipeline_prepare",
+                _device_prepare,
+                sub.device,
+                sub,
+                dev,
+                fixed_t,
+                head_size,
+                chunk,
+                False,
+            )
             stage = _head_where_useful(sub, block, stage, head_size, chunk)
             use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
-        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
+        else:
+            stage = prepare_on(sub, dev, fixed_t)
+        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, which)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
         to the host (the step's sync) and the rare exact fallback."""
         sub, dev = prep.sub, prep.dev
-        dev[:, _U] = _to_device(np.asarray(u, dtype=np.float64), sub.device)
+        u_dev = _to_device(np.asarray(u, dtype=np.float64), sub.device)
         t, entropy, lse, max_logit = prep.stage[:4]
         stats = RowStats(max_logit, entropy, prep.stage[4], lse)
-        if not (prep.use_head or prep.use_radix):
+        if prep.graph is not None:
+            token_ids, out = prep.graph.run_finish(u_dev)
+        elif not (prep.use_head or prep.use_radix):
             # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
             # row takes the exact fallback straight away
+            dev[:, _U] = u_dev
             rest = select_rest(sub, _selection_params(dev, t), stats)
             return rest.token_ids, self._to_host(rest, torch.ones_like(rest.rank), t, entropy)
-        token_ids, out = call_fused(
-            "pipeline_finish",
-            _device_finish,
-            sub.device,
-            sub,
-            dev,
-            *prep.stage,
-            prep.use_head,
-            prep.use_radix and prep.mode == "torch",
-            prep.small,
-        )
-        if prep.use_radix and prep.mode == "kernel":
-            from qr_sampler.sampling.radix_kernel import radix_into
-
-            which = _to_device(np.flatnonzero(prep.radix).astype(np.int64), sub.device)
-            try:
-                radix_into(sub, which, t, lse, max_logit, dev, _U, _MINP, token_ids, out)
-            except Exception as exc:  # e.g. the kernel fails to compile on this GPU
-                _RADIX_KERNEL["ok"] = False  # its rows stay unresolved: exact fallback below
-                logger.warning("radix kernel failed (%s); using the chunked head", exc)
+        else:
+            flags = (prep.use_head, prep.use_radix, prep.mode, prep.small, prep.which)
+            token_ids, out = _select_on_device(sub, dev, u_dev, prep.stage, *flags)
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
         if pending.size:
@@ -568,6 +592,44 @@ def _head_where_useful(
         idx.index_copy_(0, which, head[1])
         exact.index_copy_(0, which, head[2])
     return (*stage[:5], vals, idx, exact)
+
+
+def _select_on_device(
+    sub: torch.Tensor,
+    dev: torch.Tensor,
+    u: torch.Tensor,
+    stage: Stage,
+    use_head: bool,
+    use_radix: bool,
+    mode: str,
+    small: bool,
+    which: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device half of :meth:`SamplingPipeline.finish` (no sync; captured
+    whole in a CUDA graph once a step shape repeats): u into the settings
+    block, the selection and, for the rows listed in ``which``, the radix kernel."""
+    dev[:, _U] = u
+    token_ids, out = call_fused(
+        "pipeline_finish",
+        _device_finish,
+        sub.device,
+        sub,
+        dev,
+        *stage,
+        use_head,
+        use_radix and mode == "torch",
+        small,
+    )
+    if which is not None:
+        from qr_sampler.sampling.radix_kernel import radix_into
+
+        t, _entropy, lse, max_logit = stage[:4]
+        try:
+            radix_into(sub, which, t, lse, max_logit, dev, _U, _MINP, token_ids, out)
+        except Exception as exc:  # e.g. the kernel fails to compile on this GPU
+            _RADIX_KERNEL["ok"] = False  # its rows stay unresolved: the exact fallback
+            logger.warning("radix kernel failed (%s); using the chunked head", exc)
+    return token_ids, out
 
 
 def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:

@@ -1,0 +1,166 @@
+"""CUDA graphs of the pipeline's device step.
+
+On CUDA the device step is ~30 kernel launches (the compiled statistics, the
+chunked head, the nine radix launches, the result block). Each costs the host
+tens of microseconds, so up to batch 64 the step is bound by the host, not the
+GPU. Once the same step shape repeats (same rows, vocabulary, dtype and
+settings pattern: ``key``), :class:`StepGraphs` captures the two halves of the
+step -- ``prepare`` (no u needed) and ``finish`` (u known) -- into CUDA graphs
+over buffers of their own, and later steps of that shape copy their logits,
+settings and u into those buffers and replay the graphs: two launches instead
+of ~30, the same kernels on the same values, so the same answers.
+
+Only a cache: a shape is captured after it has been seen :data:`AFTER` steps
+in a row (a batch whose composition changes every step never pays for a
+capture), at most :data:`KEEP` shapes are kept (each holds a copy of its
+logits rows and its intermediates on the GPU), and any failure to capture
+turns graphs off for the process with one warning: the step then runs
+eagerly, as without graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("qr_sampler")
+
+#: consecutive steps of one shape before it is captured
+AFTER = 2
+#: captured shapes kept (least recently used dropped first)
+KEEP = 2
+
+PrepareFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, ...]]
+FinishFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+@dataclass(slots=True)
+class StepGraph:
+    """One captured shape: its input buffers, its outputs and the two graphs."""
+
+    sub: torch.Tensor  # the controlled rows' logits (copied in every step)
+    dev: torch.Tensor  # the per-row settings block (float64)
+    fixed: torch.Tensor | None  # fixed temperatures, when no row is EDT
+    u: torch.Tensor  # u per row (float64), copied in before ``finish``
+    stage: tuple[torch.Tensor, ...]  # prepare's outputs
+    token_ids: torch.Tensor
+    out: torch.Tensor  # the result block
+    prepare: torch.cuda.CUDAGraph
+    finish: torch.cuda.CUDAGraph
+    keep: tuple[torch.Tensor, ...]  # other device tensors the graphs read
+
+    def run_prepare(
+        self,
+        logits: torch.Tensor,
+        row_index: torch.Tensor | None,
+        dev: torch.Tensor,
+        fixed: torch.Tensor | None,
+    ) -> None:
+        """Copy this step's inputs in (queued, no sync) and replay ``prepare``."""
+        if row_index is None:
+            self.sub.copy_(logits)
+        else:
+            torch.index_select(logits, 0, row_index, out=self.sub)
+        self.dev.copy_(dev)
+        if self.fixed is not None and fixed is not None:
+            self.fixed.copy_(fixed)
+        self.prepare.replay()
+
+    def run_finish(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy u in (``u``: pinned host or device memory, no sync) and replay
+        ``finish``: the token ids (a copy: the graph's own buffer is rewritten
+        by the next step) and the result block."""
+        self.u.copy_(u, non_blocking=True)
+        self.finish.replay()
+        return self.token_ids.clone(), self.out
+
+
+class StepGraphs:
+    """Captured device steps of one pipeline, by step shape (see the module)."""
+
+    def __init__(self, after: int = AFTER, keep: int = KEEP) -> None:
+        self.after = after
+        self.keep = keep
+        self.enabled = True
+        self.captures = 0  # shapes captured so far (for tests and benchmarks)
+        self._graphs: OrderedDict[Hashable, StepGraph] = OrderedDict()
+        self._last: Hashable = None
+        self._streak = 0
+
+    def get(
+        self,
+        key: Hashable,
+        example: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+        prepare: PrepareFn,
+        finish: FinishFn,
+        keep: tuple[torch.Tensor, ...] = (),
+    ) -> StepGraph | None:
+        """The graph for ``key``, capturing it when the shape has repeated
+        often enough; None: run this step eagerly. ``example`` gives this
+        step's (rows, settings, fixed temperatures) for a capture; ``keep``:
+        device tensors the step reads besides those (kept alive with it)."""
+        if not self.enabled:
+            return None
+        self._streak = self._streak + 1 if key == self._last else 1
+        self._last = key
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self._graphs.move_to_end(key)
+            return graph
+        if self._streak <= self.after:
+            return None
+        try:
+            graph = _capture(*example(), prepare, finish, keep)
+        except Exception as exc:  # e.g. an op that cannot be captured on this setup
+            self.enabled = False
+            self._graphs.clear()
+            logger.warning(
+                "CUDA graphs of the sampling step unavailable (%s); running eagerly", exc
+            )
+            return None
+        self.captures += 1
+        self._graphs[key] = graph
+        while len(self._graphs) > self.keep:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def clear(self) -> None:
+        """Drop every captured shape (frees their GPU memory)."""
+        self._graphs.clear()
+        self._last, self._streak = None, 0
+
+
+def _capture(
+    sub: torch.Tensor,
+    dev: torch.Tensor,
+    fixed: torch.Tensor | None,
+    prepare: PrepareFn,
+    finish: FinishFn,
+    keep: tuple[torch.Tensor, ...],
+) -> StepGraph:
+    """Warm the step up on a side stream over new buffers, then capture its
+    two halves (sharing one memory pool: they always replay in order)."""
+    s_sub = sub.clone()
+    s_dev = dev.clone()
+    s_fixed = None if fixed is None else fixed.clone()
+    s_u = torch.full((sub.shape[0],), 0.5, dtype=torch.float64, device=sub.device)
+    side = torch.cuda.Stream(sub.device)  # type: ignore[no-untyped-call]
+    side.wait_stream(torch.cuda.current_stream(sub.device))
+    with torch.cuda.stream(side):  # compiles and lazily built state, outside the capture
+        finish(s_sub, s_dev, s_u, prepare(s_sub, s_dev, s_fixed))
+    torch.cuda.current_stream(sub.device).wait_stream(side)
+    torch.cuda.synchronize(sub.device)
+    g_prepare = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_prepare, capture_error_mode="thread_local"):
+        stage = prepare(s_sub, s_dev, s_fixed)
+    g_finish = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_finish, pool=g_prepare.pool(), capture_error_mode="thread_local"):
+        token_ids, out = finish(s_sub, s_dev, s_u, stage)
+    return StepGraph(s_sub, s_dev, s_fixed, s_u, stage, token_ids, out, g_prepare, g_finish, keep)
