@@ -8,6 +8,7 @@ pipeline's tokens and result blocks, with one host sync per step."""
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
 from typing import Any
 
@@ -174,6 +175,38 @@ def test_graphed_rows_of_a_larger_batch_and_forcing() -> None:
         for row, tok in zip(got.rows, got.token_ids, strict=True):
             assert a[row, tok] == 0 and int(torch.isfinite(a[row]).sum()) == 1
     assert graphed.graphs.captures == 1
+
+
+@cuda
+def test_graphed_steps_fetch_in_the_calling_thread_after_queuing() -> None:
+    """Eager steps fetch on the helper thread beside prepare; once the step
+    replays graphs, prepare is queued first and the fetch runs in the
+    calling thread (no GIL contention with a helper), after the logits exist."""
+    pipe = _pipeline(True)
+    calls: list[tuple[str, int]] = []
+    real_prepare, real_draw = pipe.prepare, pipe.draw
+
+    def prepare(*args: Any) -> Any:
+        calls.append(("prepare", threading.get_ident()))
+        return real_prepare(*args)
+
+    def draw(rows: Any) -> Any:
+        calls.append(("draw", threading.get_ident()))
+        return real_draw(rows)
+
+    pipe.prepare = prepare  # type: ignore[method-assign]
+    pipe.draw = draw  # type: ignore[method-assign]
+    rows = [RowState.of(SamplingConfig(), f"r{i}") for i in range(3)]
+    logits = torch.randn(3, VOCAB, device="cuda")
+    me = threading.get_ident()
+    seen = []
+    for _ in range(5):
+        calls.clear()
+        result = pipe.sample(logits.clone(), rows)
+        seen.append(dict(calls)["draw"] == me)
+        assert all(r.entropy_source == "mock_uniform" for r in result.records)
+    assert seen == [False, False, False, True, True]  # captured at the third step
+    assert [name for name, _ in calls] == ["prepare", "draw"]
 
 
 def _syncs(fn: Any) -> list[str]:

@@ -7,6 +7,8 @@ One step, for the rows qr-sampler controls (bypassed rows are never touched):
 2. fetch entropy just in time — one batched call for every row's bytes, on a
    helper thread, while the device already computes what needs no u
    (statistics, temperatures, the chunked head: :meth:`SamplingPipeline.prepare`);
+   once a step shape replays as CUDA graphs (:mod:`qr_sampler.step_graphs`)
+   that work is queued first and the fetch runs in the calling thread;
 3. amplify each row's bytes into z and u (:mod:`qr_sampler.sampling.amplify`);
 4. send the per-row settings (before the fetch returns) and then u to the
    logits' device, each in one pinned copy without a sync;
@@ -190,6 +192,7 @@ class SamplingPipeline:
         #: captured CUDA graphs of the device step (see :mod:`qr_sampler.step_graphs`)
         self.graphs = StepGraphs()
         self.graphs.enabled = settings.cuda_graphs == "auto"
+        self._graphed = False  # the last step replayed graphs (see sample)
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         if settings.fused_kernels == "off":
@@ -396,18 +399,28 @@ class SamplingPipeline:
         index_list = list(range(logits.shape[0])) if row_indices is None else list(row_indices)
         if not rows:
             return StepResult([], [], [])
-        # the fetch starts now (the logits exist) and runs while the device
-        # queues the u-independent work; u is needed only by finish()
-        fetching = self._fetcher().submit(self.draw, rows)
-        try:
-            row_index = (
-                None
-                if row_indices is None
-                else _to_device(np.array(index_list, dtype=np.int64), logits.device)
-            )
+        row_index = (
+            None
+            if row_indices is None
+            else _to_device(np.array(index_list, dtype=np.int64), logits.device)
+        )
+        if self._graphed:
+            # the last step replayed CUDA graphs: queuing the u-independent work
+            # costs the host ~0.1 ms, so queue it first and fetch in this thread
+            # while the device works (a helper thread would only contend with
+            # this one for the GIL)
             prep = self.prepare(logits, row_index, rows)
-        finally:
-            draw = fetching.result()  # never two fetches at once, even after an error
+            draw = self.draw(rows)
+        else:
+            # the fetch starts now (the logits exist) and runs while this thread
+            # queues (eager on the CPU: computes) the u-independent work; u is
+            # needed only by finish()
+            fetching = self._fetcher().submit(self.draw, rows)
+            try:
+                prep = self.prepare(logits, row_index, rows)
+            finally:
+                draw = fetching.result()  # never two fetches at once, even after an error
+        self._graphed = prep.graph is not None
         token_ids, host = self.finish(prep, draw.u)
         if draw.failed.any() and self.eos_token_id is not None:
             eos = torch.from_numpy(draw.failed).to(logits.device)
