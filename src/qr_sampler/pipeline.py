@@ -72,6 +72,7 @@ from qr_sampler.step_graphs import StepGraph, StepGraphs
 logger = logging.getLogger("qr_sampler")
 
 Stage = tuple[torch.Tensor, ...]
+Pair = tuple[torch.Tensor, torch.Tensor]
 
 # columns of the per-row parameter block sent to the device
 _U, _FIXED, _EDT, _BASE, _EXP, _TMIN, _TMAX, _TOPK, _TOPP, _MINP = range(10)
@@ -253,61 +254,65 @@ class SamplingPipeline:
         device without a sync: row statistics, temperatures, the normaliser and
         the chunked head. :meth:`sample` runs it while the entropy is fetched."""
         block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
-        dev = _to_device(block, logits.device)
-        fixed_t = None
-        if not block[:, _EDT].any():  # temperatures known now: one pass gives every statistic
-            fixed = np.where(block[:, _FIXED] > 0, block[:, _FIXED], 1.0).astype(np.float32)
-            fixed_t = _to_device(fixed, logits.device)
-        mode = self._radix_mode(logits.device)
+        device = logits.device
+        # no EDT row: the temperatures are known now and one pass gives every statistic
+        fixed = not block[:, _EDT].any()
+        mode = self._radix_mode(device)
         vocab = logits.shape[-1]
         radix = _radix_rows(block, vocab) if mode != "off" else np.zeros(len(rows), bool)
         use_radix, use_head = bool(radix.any()), not bool(radix.all())
         head_size = _head_for(block, self.head_size)
-        chunk = self.chunk or (4 if logits.device.type == "cpu" else DEFAULT_CHUNK)
+        chunk = self.chunk or (4 if device.type == "cpu" else DEFAULT_CHUNK)
         n_full = vocab // chunk
         small = n_full == 0 or n_full + (1 if vocab % chunk else 0) <= head_size
         head_now = use_head and not small
+
+        def replay(graph: StepGraph) -> _Prepared:  # this step's inputs in, then replay
+            graph.run_prepare(logits, row_index, _pinned(block))
+            flags = (mode, radix, use_radix, use_head, small)
+            return _Prepared(graph.sub, graph.dev, *flags, graph.stage, graph=graph)
+
+        graph_key: tuple[object, ...] | None = None
+        if device.type == "cuda" and self.graphs.enabled:
+            graph_key = (logits.dtype, device, vocab, row_index is None, fixed, radix.tobytes())
+            graph_key += (mode, use_head, use_radix, small, head_size, chunk, head_now)
+            graph = self.graphs.get(graph_key)
+            if graph is not None:
+                return replay(graph)
+        dev = _to_device(block, device)
+        sub = logits if row_index is None else logits.index_select(0, row_index)
+        which = None
+        if use_radix and mode == "kernel":  # the rows of the radix kernel, as device ids
+            every = radix.all()  # (the usual case: no copy)
+            which = (
+                torch.arange(len(rows), device=device)
+                if every
+                else _to_device(np.flatnonzero(radix).astype(np.int64), device)
+            )
+
+        def prepare_on(s: torch.Tensor, d: torch.Tensor) -> Stage:
+            return call_fused(  # type: ignore[no-any-return]
+                "pipeline_prepare", _device_prepare, device, s, d, fixed, head_size, chunk, head_now
+            )
+
+        def finish_on(s: torch.Tensor, d: torch.Tensor, u: torch.Tensor, st: Stage) -> Pair:
+            return _select_on_device(s, d, u, st, use_head, use_radix, mode, small, which)
+
+        if graph_key is not None:
+            graph = self.graphs.capture(graph_key, sub, dev, prepare_on, finish_on, (which,))
+            if graph is not None:
+                return replay(graph)
         # eager on the CPU the host may look at the statistics for free: the head
         # is built only for rows it can plausibly resolve (see _head_where_useful)
-        pick_rows = head_now and not fused_ready("pipeline_prepare", logits.device)
-        pick_rows = pick_rows and logits.device.type == "cpu"
-
-        def prepare_on(s: torch.Tensor, d: torch.Tensor, f: torch.Tensor | None) -> Stage:
-            return call_fused(  # type: ignore[no-any-return]
-                "pipeline_prepare", _device_prepare, s.device, s, d, f, head_size, chunk, head_now
-            )
-
-        which = None
-        if use_radix and mode == "kernel":
-            which = _to_device(np.flatnonzero(radix).astype(np.int64), logits.device)
-        flags = (use_head, use_radix, mode, small, which)
-        if logits.device.type == "cuda" and self.graphs.enabled:
-            key: tuple[object, ...] = (logits.dtype, logits.device, vocab, row_index is None)
-            key += (fixed_t is None, radix.tobytes(), head_size, chunk, *flags[:4], head_now)
-            graph = self.graphs.get(
-                key,
-                lambda: (
-                    logits if row_index is None else logits.index_select(0, row_index),
-                    dev,
-                    fixed_t,
-                ),
-                prepare_on,
-                lambda s, d, u, st: _select_on_device(s, d, u, st, *flags),
-                () if which is None else (which,),
-            )
-            if graph is not None:
-                graph.run_prepare(logits, row_index, dev, fixed_t)
-                prep = (graph.sub, graph.dev, mode, radix, use_radix, use_head, small)
-                return _Prepared(*prep, graph.stage, which, graph)
-        sub = logits if row_index is None else logits.index_select(0, row_index)
-        if pick_rows:
+        pick_rows = head_now and device.type == "cpu"
+        if pick_rows and not fused_ready("pipeline_prepare", device):
             stage = call_fused(
                 "pipeline_prepare",
                 _device_prepare,
-                sub.device,
+                device,
                 sub,
                 dev,
-                fixed_t,
+                fixed,
                 head_size,
                 chunk,
                 False,
@@ -315,26 +320,27 @@ class SamplingPipeline:
             stage = _head_where_useful(sub, block, stage, head_size, chunk)
             use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
         else:
-            stage = prepare_on(sub, dev, fixed_t)
+            stage = prepare_on(sub, dev)
         return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, which)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
         to the host (the step's sync) and the rare exact fallback."""
         sub, dev = prep.sub, prep.dev
-        u_dev = _to_device(np.asarray(u, dtype=np.float64), sub.device)
+        u64 = np.asarray(u, dtype=np.float64)
         t, entropy, lse, max_logit = prep.stage[:4]
         stats = RowStats(max_logit, entropy, prep.stage[4], lse)
         if prep.graph is not None:
-            token_ids, out = prep.graph.run_finish(u_dev)
+            token_ids, out = prep.graph.run_finish(_pinned(u64))
         elif not (prep.use_head or prep.use_radix):
             # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
             # row takes the exact fallback straight away
-            dev[:, _U] = u_dev
+            dev[:, _U] = _to_device(u64, sub.device)
             rest = select_rest(sub, _selection_params(dev, t), stats)
             return rest.token_ids, self._to_host(rest, torch.ones_like(rest.rank), t, entropy)
         else:
             flags = (prep.use_head, prep.use_radix, prep.mode, prep.small, prep.which)
+            u_dev = _to_device(u64, sub.device)
             token_ids, out = _select_on_device(sub, dev, u_dev, prep.stage, *flags)
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
@@ -658,7 +664,7 @@ def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:
 def _device_prepare(
     sub: torch.Tensor,
     dev: torch.Tensor,
-    fixed_t: torch.Tensor | None,
+    fixed: bool,
     head_size: int,
     chunk: int,
     use_head: bool,
@@ -667,8 +673,11 @@ def _device_prepare(
     on CUDA): temperatures, entropy, logsumexp(logits / T), row maxima, finite
     counts and, with ``use_head``, the chunked head (values, ids, exact length;
     empty otherwise)."""
+    fixed_t = None
+    if fixed:  # no EDT row: every temperature is the fixed one (greedy rows' statistics at T = 1)
+        fixed_t = torch.where(dev[:, _FIXED] > 0, dev[:, _FIXED], 1.0).float()
     stats = row_stats(sub, fixed_t, fused=False)
-    if fixed_t is not None:  # no EDT row: every temperature is the fixed one
+    if fixed:
         t, entropy = dev[:, _FIXED].float(), stats.entropy
     else:
         t, entropy = temperatures(
@@ -750,3 +759,8 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _pinned(array: np.ndarray) -> torch.Tensor:
+    """A pinned host copy of ``array``, to copy to a CUDA buffer without a sync."""
+    return torch.from_numpy(array).pin_memory()

@@ -34,7 +34,7 @@ AFTER = 2
 #: captured shapes kept (least recently used dropped first)
 KEEP = 2
 
-PrepareFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, ...]]
+PrepareFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 FinishFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
     tuple[torch.Tensor, torch.Tensor],
@@ -47,7 +47,6 @@ class StepGraph:
 
     sub: torch.Tensor  # the controlled rows' logits (copied in every step)
     dev: torch.Tensor  # the per-row settings block (float64)
-    fixed: torch.Tensor | None  # fixed temperatures, when no row is EDT
     u: torch.Tensor  # u per row (float64), copied in before ``finish``
     stage: tuple[torch.Tensor, ...]  # prepare's outputs
     token_ids: torch.Tensor
@@ -57,20 +56,15 @@ class StepGraph:
     keep: tuple[torch.Tensor, ...]  # other device tensors the graphs read
 
     def run_prepare(
-        self,
-        logits: torch.Tensor,
-        row_index: torch.Tensor | None,
-        dev: torch.Tensor,
-        fixed: torch.Tensor | None,
+        self, logits: torch.Tensor, row_index: torch.Tensor | None, dev: torch.Tensor
     ) -> None:
-        """Copy this step's inputs in (queued, no sync) and replay ``prepare``."""
+        """Copy this step's rows and settings (``dev``: pinned host or device
+        memory) in, queued without a sync, and replay ``prepare``."""
         if row_index is None:
             self.sub.copy_(logits)
         else:
             torch.index_select(logits, 0, row_index, out=self.sub)
-        self.dev.copy_(dev)
-        if self.fixed is not None and fixed is not None:
-            self.fixed.copy_(fixed)
+        self.dev.copy_(dev, non_blocking=True)
         self.prepare.replay()
 
     def run_finish(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,18 +88,9 @@ class StepGraphs:
         self._last: Hashable = None
         self._streak = 0
 
-    def get(
-        self,
-        key: Hashable,
-        example: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-        prepare: PrepareFn,
-        finish: FinishFn,
-        keep: tuple[torch.Tensor, ...] = (),
-    ) -> StepGraph | None:
-        """The graph for ``key``, capturing it when the shape has repeated
-        often enough; None: run this step eagerly. ``example`` gives this
-        step's (rows, settings, fixed temperatures) for a capture; ``keep``:
-        device tensors the step reads besides those (kept alive with it)."""
+    def get(self, key: Hashable) -> StepGraph | None:
+        """The captured graph of this step's shape ``key``, if any (counts the
+        shape's repeats: call once per step)."""
         if not self.enabled:
             return None
         self._streak = self._streak + 1 if key == self._last else 1
@@ -113,11 +98,26 @@ class StepGraphs:
         graph = self._graphs.get(key)
         if graph is not None:
             self._graphs.move_to_end(key)
-            return graph
-        if self._streak <= self.after:
+        return graph
+
+    def capture(
+        self,
+        key: Hashable,
+        sub: torch.Tensor,
+        dev: torch.Tensor,
+        prepare: PrepareFn,
+        finish: FinishFn,
+        keep: tuple[torch.Tensor | None, ...] = (),
+    ) -> StepGraph | None:
+        """After :meth:`get` found no graph for ``key``: capture one when the
+        shape has now been seen :attr:`after` + 1 steps in a row (else None:
+        run this step eagerly). ``sub`` and ``dev`` are this step's rows and
+        settings on the device; ``keep``: other device tensors the step reads
+        (kept alive with the graph)."""
+        if not self.enabled or key != self._last or self._streak <= self.after:
             return None
         try:
-            graph = _capture(*example(), prepare, finish, keep)
+            graph = _capture(sub, dev, prepare, finish, keep)
         except Exception as exc:  # e.g. an op that cannot be captured on this setup
             self.enabled = False
             self._graphs.clear()
@@ -140,27 +140,26 @@ class StepGraphs:
 def _capture(
     sub: torch.Tensor,
     dev: torch.Tensor,
-    fixed: torch.Tensor | None,
     prepare: PrepareFn,
     finish: FinishFn,
-    keep: tuple[torch.Tensor, ...],
+    keep: tuple[torch.Tensor | None, ...],
 ) -> StepGraph:
     """Warm the step up on a side stream over new buffers, then capture its
     two halves (sharing one memory pool: they always replay in order)."""
     s_sub = sub.clone()
     s_dev = dev.clone()
-    s_fixed = None if fixed is None else fixed.clone()
     s_u = torch.full((sub.shape[0],), 0.5, dtype=torch.float64, device=sub.device)
     side = torch.cuda.Stream(sub.device)  # type: ignore[no-untyped-call]
     side.wait_stream(torch.cuda.current_stream(sub.device))
     with torch.cuda.stream(side):  # compiles and lazily built state, outside the capture
-        finish(s_sub, s_dev, s_u, prepare(s_sub, s_dev, s_fixed))
+        finish(s_sub, s_dev, s_u, prepare(s_sub, s_dev))
     torch.cuda.current_stream(sub.device).wait_stream(side)
     torch.cuda.synchronize(sub.device)
     g_prepare = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g_prepare, capture_error_mode="thread_local"):
-        stage = prepare(s_sub, s_dev, s_fixed)
+        stage = prepare(s_sub, s_dev)
     g_finish = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g_finish, pool=g_prepare.pool(), capture_error_mode="thread_local"):
         token_ids, out = finish(s_sub, s_dev, s_u, stage)
-    return StepGraph(s_sub, s_dev, s_fixed, s_u, stage, token_ids, out, g_prepare, g_finish, keep)
+    kept = tuple(k for k in keep if k is not None)
+    return StepGraph(s_sub, s_dev, s_u, stage, token_ids, out, g_prepare, g_finish, kept)
