@@ -11,15 +11,16 @@ Needs only the qr-sampler package without extras (no torch, no vLLM).
 
 from __future__ import annotations
 
-import os
 import sys
 
 from qr_sampler.server.cli import run_with_generator
+from qr_sampler.server.sources import urandom
 
 
 def generate(n: int) -> bytes:
-    """n fresh bytes from the operating system's CSPRNG."""
-    return os.urandom(n)
+    """n fresh bytes from the operating system's CSPRNG (large requests are
+    drawn in pieces on several cores at once)."""
+    return urandom(n)
 
 
 if __name__ == "__main__":
