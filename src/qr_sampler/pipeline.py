@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,7 +155,7 @@ class _Prepared:
     use_head: bool
     small: bool  # vocabulary too small for a head: full sort
     stage: Stage  # _device_prepare's outputs
-    which: torch.Tensor | None = None  # rows of the radix kernel (device ids)
+    search: Any = None  # the radix kernel's search, its first pass queued (radix_begin)
     graph: StepGraph | None = None  # the captured step these ran in, if any
 
 
@@ -270,7 +271,8 @@ class SamplingPipeline:
         def replay(graph: StepGraph) -> _Prepared:  # this step's inputs in, then replay
             graph.run_prepare(logits, row_index, _pinned(block))
             flags = (mode, radix, use_radix, use_head, small)
-            return _Prepared(graph.sub, graph.dev, *flags, graph.stage, graph=graph)
+            stage, search = graph.stage
+            return _Prepared(graph.sub, graph.dev, *flags, stage, search, graph)
 
         graph_key: tuple[object, ...] | None = None
         if device.type == "cuda" and self.graphs.enabled:
@@ -290,13 +292,14 @@ class SamplingPipeline:
                 else _to_device(np.flatnonzero(radix).astype(np.int64), device)
             )
 
-        def prepare_on(s: torch.Tensor, d: torch.Tensor) -> Stage:
-            return call_fused(  # type: ignore[no-any-return]
+        def prepare_on(s: torch.Tensor, d: torch.Tensor) -> tuple[Stage, Any]:
+            st: Stage = call_fused(
                 "pipeline_prepare", _device_prepare, device, s, d, fixed, head_size, chunk, head_now
             )
+            return st, _radix_begin(s, which, st, d)
 
-        def finish_on(s: torch.Tensor, d: torch.Tensor, u: torch.Tensor, st: Stage) -> Pair:
-            return _select_on_device(s, d, u, st, use_head, use_radix, mode, small, which)
+        def finish_on(s: torch.Tensor, d: torch.Tensor, u: torch.Tensor, st: Any) -> Pair:
+            return _select_on_device(s, d, u, st[0], st[1], use_head, use_radix, mode, small)
 
         if graph_key is not None:
             graph = self.graphs.capture(graph_key, sub, dev, prepare_on, finish_on, (which,))
@@ -320,8 +323,9 @@ class SamplingPipeline:
             stage = _head_where_useful(sub, block, stage, head_size, chunk)
             use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
         else:
-            stage = prepare_on(sub, dev)
-        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, which)
+            stage, search = prepare_on(sub, dev)
+            return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, search)
+        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
@@ -339,9 +343,9 @@ class SamplingPipeline:
             rest = select_rest(sub, _selection_params(dev, t), stats)
             return rest.token_ids, self._to_host(rest, torch.ones_like(rest.rank), t, entropy)
         else:
-            flags = (prep.use_head, prep.use_radix, prep.mode, prep.small, prep.which)
+            flags = (prep.use_head, prep.use_radix, prep.mode, prep.small)
             u_dev = _to_device(u64, sub.device)
-            token_ids, out = _select_on_device(sub, dev, u_dev, prep.stage, *flags)
+            token_ids, out = _select_on_device(sub, dev, u_dev, prep.stage, prep.search, *flags)
         host: np.ndarray = out.cpu().numpy()  # the one sync of a normal step
         pending = np.flatnonzero(host[:, _RESOLVED] == 0)
         if pending.size:
@@ -613,20 +617,42 @@ def _head_where_useful(
     return (*stage[:5], vals, idx, exact)
 
 
+def _radix_begin(
+    sub: torch.Tensor, which: torch.Tensor | None, stage: Stage, dev: torch.Tensor
+) -> Any:
+    """The radix kernel's search over the rows in ``which``, its first pass
+    (which needs no u) queued; None without such rows or when the kernel fails."""
+    if which is None:
+        return None
+    from qr_sampler.sampling.radix_kernel import radix_begin
+
+    t, _entropy, lse, max_logit = stage[:4]
+    try:
+        return radix_begin(sub, which, t, lse, max_logit, dev, _U, _MINP)
+    except Exception as exc:  # e.g. the kernel fails to compile on this GPU
+        _radix_failed(exc)
+        return None
+
+
+def _radix_failed(exc: Exception) -> None:
+    _RADIX_KERNEL["ok"] = False  # its rows stay unresolved: the exact fallback answers them
+    logger.warning("radix kernel failed (%s); using the chunked head", exc)
+
+
 def _select_on_device(
     sub: torch.Tensor,
     dev: torch.Tensor,
     u: torch.Tensor,
     stage: Stage,
+    search: Any,
     use_head: bool,
     use_radix: bool,
     mode: str,
     small: bool,
-    which: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The device half of :meth:`SamplingPipeline.finish` (no sync; captured
     whole in a CUDA graph once a step shape repeats): u into the settings
-    block, the selection and, for the rows listed in ``which``, the radix kernel."""
+    block, the selection and the rest of the radix kernel's ``search``."""
     dev[:, _U] = u
     token_ids, out = call_fused(
         "pipeline_finish",
@@ -639,15 +665,13 @@ def _select_on_device(
         use_radix and mode == "torch",
         small,
     )
-    if which is not None:
-        from qr_sampler.sampling.radix_kernel import radix_into
+    if search is not None:
+        from qr_sampler.sampling.radix_kernel import radix_end
 
-        t, _entropy, lse, max_logit = stage[:4]
         try:
-            radix_into(sub, which, t, lse, max_logit, dev, _U, _MINP, token_ids, out)
-        except Exception as exc:  # e.g. the kernel fails to compile on this GPU
-            _RADIX_KERNEL["ok"] = False  # its rows stay unresolved: the exact fallback
-            logger.warning("radix kernel failed (%s); using the chunked head", exc)
+            radix_end(search, token_ids, out)
+        except Exception as exc:
+            _radix_failed(exc)
     return token_ids, out
 
 

@@ -24,6 +24,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -34,10 +35,11 @@ AFTER = 2
 #: captured shapes kept (least recently used dropped first)
 KEEP = 2
 
-PrepareFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+#: (rows, settings) -> what finish needs besides them (device work only)
+PrepareFn = Callable[[torch.Tensor, torch.Tensor], Any]
+#: (rows, settings, u, prepare's output) -> (token ids, result block)
 FinishFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]],
-    tuple[torch.Tensor, torch.Tensor],
+    [torch.Tensor, torch.Tensor, torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]
 ]
 
 
@@ -48,7 +50,7 @@ class StepGraph:
     sub: torch.Tensor  # the controlled rows' logits (copied in every step)
     dev: torch.Tensor  # the per-row settings block (float64)
     u: torch.Tensor  # u per row (float64), copied in before ``finish``
-    stage: tuple[torch.Tensor, ...]  # prepare's outputs
+    stage: Any  # prepare's output
     token_ids: torch.Tensor
     out: torch.Tensor  # the result block
     prepare: torch.cuda.CUDAGraph

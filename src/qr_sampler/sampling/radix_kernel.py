@@ -464,7 +464,18 @@ _PASS = _Relauncher(_pass_kernel)
 _FINAL = _Relauncher(_final_kernel)
 
 
-def radix_into(
+class RadixSearch:
+    """A search whose first pass is queued (:func:`radix_begin`): the kernel
+    arguments and the scratch the later passes read. The first pass needs no u,
+    so the pipeline queues it before the entropy arrives."""
+
+    def __init__(self, args: tuple[Any, ...], shape: dict[str, Any], grid: tuple[int, int]) -> None:
+        self.args = args  # every pass's arguments (the logits and the scratch among them)
+        self.shape = shape  # the kernels' compile-time constants
+        self.grid = grid  # (rows, programs per row)
+
+
+def radix_begin(
     logits: torch.Tensor,
     rows: torch.Tensor,
     t: torch.Tensor,
@@ -473,19 +484,15 @@ def radix_into(
     params: torch.Tensor,
     u_col: int,
     min_p_col: int,
-    token_ids: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """Run the search for the logits rows listed in ``rows`` (int64, on the
-    device) and write, at each such row, the token id into ``token_ids`` and
-    (token, rank, probability, candidates, 1 = resolved) into the first five
-    columns of the float64 block ``out``. ``t``, ``lse`` (logsumexp of
-    logits / t) and ``max_logit`` are float32 per row; ``params`` is a float64
-    block holding u and min-p in columns ``u_col`` and ``min_p_col``.
-    32 / BITS + 1 launches, no sync."""
+) -> RadixSearch | None:
+    """Allocate the search's scratch and queue its first pass, which reads no u
+    (None when ``rows`` is empty). ``t``, ``lse`` (logsumexp of logits / t) and
+    ``max_logit`` are float32 per row; ``params`` is a float64 block holding
+    u (read by the later passes: write it before :func:`radix_end`) and min-p
+    in columns ``u_col`` and ``min_p_col``."""
     n = rows.numel()
     if n == 0:
-        return
+        return None
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     vocab = logits.shape[1]
@@ -512,12 +519,50 @@ def radix_into(
         "EXACT_EXP": not _INTERPRETED,
         "num_warps": WARPS,
     }
+    search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split))
+    _launch_pass(search, 0)
+    return search
+
+
+def _launch_pass(search: RadixSearch, r: int) -> None:
     index = _driver.active.get_current_device() if not _INTERPRETED else 0  # as Triton launches
-    args = (*common, *scratch, u_col, min_p_col)
-    for r in range(rounds):
-        _PASS(index, (n, split), args, {"R": r, "WIDE": min(WIDE_PASSES, rounds - 1), **shape})
-    final_args = (*common, *scratch, token_ids, out, out.stride(0), u_col, min_p_col)
-    _FINAL(index, (n,), final_args, shape)
+    wide = min(WIDE_PASSES, search.shape["ROUNDS"] - 1)
+    _PASS(index, search.grid, search.args, {"R": r, "WIDE": wide, **search.shape})
+
+
+def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -> None:
+    """Queue the passes after the first and the final kernel: at each searched
+    row, the token id into ``token_ids`` and (token, rank, probability,
+    candidates, 1 = resolved) into the first five columns of the float64 block
+    ``out``. No sync."""
+    for r in range(1, search.shape["ROUNDS"]):
+        _launch_pass(search, r)
+    index = _driver.active.get_current_device() if not _INTERPRETED else 0
+    args = search.args
+    final_args = (*args[:-2], token_ids, out, out.stride(0), *args[-2:])
+    _FINAL(index, (search.grid[0],), final_args, search.shape)
+
+
+def radix_into(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    t: torch.Tensor,
+    lse: torch.Tensor,
+    max_logit: torch.Tensor,
+    params: torch.Tensor,
+    u_col: int,
+    min_p_col: int,
+    token_ids: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """Run the search for the logits rows listed in ``rows`` (int64, on the
+    device) and write, at each such row, the token id into ``token_ids`` and
+    (token, rank, probability, candidates, 1 = resolved) into the first five
+    columns of the float64 block ``out`` (:func:`radix_begin` then
+    :func:`radix_end`). 32 / BITS + 1 launches, no sync."""
+    search = radix_begin(logits, rows, t, lse, max_logit, params, u_col, min_p_col)
+    if search is not None:
+        radix_end(search, token_ids, out)
 
 
 def select_radix_kernel(
