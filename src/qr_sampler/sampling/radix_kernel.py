@@ -29,6 +29,9 @@ torch's -- kept mass summed in float64), so the same answers:
   logits (lse not finite) is left untouched: unresolved (result column 4 = 0)
   unless the chunked head answered it, else the exact fallback does.
 
+The first pass reads no u: :func:`radix_begin` queues it (the pipeline does
+so before the entropy arrives) and :func:`radix_end` the rest.
+
 Imported only where Triton and a GPU exist (and by the tests, through Triton's
 CPU interpreter).
 """
