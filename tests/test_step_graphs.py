@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -217,13 +216,12 @@ def test_graphed_steps_fetch_in_the_calling_thread_after_queuing() -> None:
 def _syncs(fn: Any) -> list[str]:
     """The host<->device synchronisations ``fn`` performs (torch's sync debug mode)."""
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with pytest.warns(UserWarning) as caught:  # fails when fn does not sync at all
             fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
 
 

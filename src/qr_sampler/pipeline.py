@@ -308,6 +308,7 @@ class SamplingPipeline:
         # eager on the CPU the host may look at the statistics for free: the head
         # is built only for rows it can plausibly resolve (see _head_where_useful)
         pick_rows = head_now and device.type == "cpu"
+        search = None
         if pick_rows and not fused_ready("pipeline_prepare", device):
             stage = call_fused(
                 "pipeline_prepare",
@@ -324,8 +325,7 @@ class SamplingPipeline:
             use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
         else:
             stage, search = prepare_on(sub, dev)
-            return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, search)
-        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage)
+        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, search)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block

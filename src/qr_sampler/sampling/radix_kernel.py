@@ -546,28 +546,6 @@ def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -
     _FINAL(index, (search.grid[0],), final_args, search.shape)
 
 
-def radix_into(
-    logits: torch.Tensor,
-    rows: torch.Tensor,
-    t: torch.Tensor,
-    lse: torch.Tensor,
-    max_logit: torch.Tensor,
-    params: torch.Tensor,
-    u_col: int,
-    min_p_col: int,
-    token_ids: torch.Tensor,
-    out: torch.Tensor,
-) -> None:
-    """Run the search for the logits rows listed in ``rows`` (int64, on the
-    device) and write, at each such row, the token id into ``token_ids`` and
-    (token, rank, probability, candidates, 1 = resolved) into the first five
-    columns of the float64 block ``out`` (:func:`radix_begin` then
-    :func:`radix_end`). 32 / BITS + 1 launches, no sync."""
-    search = radix_begin(logits, rows, t, lse, max_logit, params, u_col, min_p_col)
-    if search is not None:
-        radix_end(search, token_ids, out)
-
-
 def select_radix_kernel(
     logits: torch.Tensor,
     params: SelectionParams,
@@ -580,18 +558,10 @@ def select_radix_kernel(
     block = torch.stack([params.u.double(), params.min_p.double()], dim=1).contiguous()
     token = torch.empty(rows, dtype=torch.int64, device=device)
     out = torch.empty(rows, 5, dtype=torch.float64, device=device)
-    radix_into(
-        logits,
-        torch.arange(rows, device=device),
-        effective_temperature(params),
-        lse,
-        max_logit,
-        block,
-        0,
-        1,
-        token,
-        out,
-    )
+    t = effective_temperature(params)
+    search = radix_begin(logits, torch.arange(rows, device=device), t, lse, max_logit, block, 0, 1)
+    if search is not None:
+        radix_end(search, token, out)
     return Selection(
         token_ids=token,
         rank=out[:, 1].long(),
