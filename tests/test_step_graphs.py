@@ -88,6 +88,15 @@ def test_a_failed_capture_turns_graphs_off(
     assert _get(graphs, "a") is None  # eager from now on
 
 
+def test_close_drops_the_captured_shapes(fake_capture: list[Any]) -> None:
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    pipe = SamplingPipeline(settings, source=MockUniformSource(seed=1), sink=RecordSink(None))
+    pipe.graphs.after = 0
+    assert _get(pipe.graphs, "a") == "graph 1"
+    pipe.close()
+    assert not pipe.graphs._graphs and _get(pipe.graphs, "b") == "graph 2"
+
+
 def test_cpu_steps_never_consult_the_graphs(fake_capture: list[Any]) -> None:
     settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
     pipe = SamplingPipeline(settings, source=MockUniformSource(seed=1), sink=RecordSink(None))

@@ -534,6 +534,7 @@ class SamplingPipeline:
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown(wait=True)
         self._pool = None
+        self.graphs.clear()  # their buffers' GPU memory
         self.sink.close()
         self.source.close()
 
