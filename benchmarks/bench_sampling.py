@@ -244,12 +244,12 @@ class Case:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def math_step(self) -> None:
-        ids, _ = self.pipe.choose(self.work, None, self.rows, self.u)
+    def math_step(self, pipe: SamplingPipeline | None = None) -> None:
+        ids, _ = (pipe or self.pipe).choose(self.work, None, self.rows, self.u)
         force_tokens(self.work, None, ids)
 
-    def step(self) -> None:
-        self.pipe.sample(self.work, self.rows)
+    def step(self, pipe: SamplingPipeline | None = None) -> None:
+        (pipe or self.pipe).sample(self.work, self.rows)
 
 
 def _measure(
@@ -262,10 +262,8 @@ def _measure(
     }
     eager = case.eager
     if eager is not None:
-        fns["math_eager_ms"] = lambda: force_tokens(
-            case.work, None, eager.choose(case.work, None, case.rows, case.u)[0]
-        )
-        fns["step_eager_ms"] = lambda: eager.sample(case.work, case.rows)
+        fns["math_eager_ms"] = lambda: case.math_step(eager)
+        fns["step_eager_ms"] = lambda: case.step(eager)
     if cpu_forward is not None:
         fns["vllm_cpu_fused_ms"] = lambda: cpu_forward(case.work, case.temp, case.k, case.p)
     cells: dict[str, Any] = {"batch": case.batch}

@@ -292,17 +292,21 @@ class SamplingPipeline:
                 else _to_device(np.flatnonzero(radix).astype(np.int64), device)
             )
 
-        def prepare_on(s: torch.Tensor, d: torch.Tensor) -> tuple[Stage, Any]:
-            st: Stage = call_fused(
-                "pipeline_prepare", _device_prepare, device, s, d, fixed, head_size, chunk, head_now
+        def stage_on(s: torch.Tensor, d: torch.Tensor, head: bool) -> Stage:
+            return call_fused(  # type: ignore[no-any-return]
+                "pipeline_prepare", _device_prepare, device, s, d, fixed, head_size, chunk, head
             )
+
+        def prepare_on(s: torch.Tensor, d: torch.Tensor) -> tuple[Stage, Any]:
+            # the search holds ``which``: a captured graph keeps it alive through it
+            st = stage_on(s, d, head_now)
             return st, _radix_begin(s, which, st, d)
 
         def finish_on(s: torch.Tensor, d: torch.Tensor, u: torch.Tensor, st: Any) -> Pair:
             return _select_on_device(s, d, u, st[0], st[1], use_head, use_radix, mode, small)
 
         if graph_key is not None:
-            graph = self.graphs.capture(graph_key, sub, dev, prepare_on, finish_on, (which,))
+            graph = self.graphs.capture(graph_key, sub, dev, prepare_on, finish_on)
             if graph is not None:
                 return replay(graph)
         # eager on the CPU the host may look at the statistics for free: the head
@@ -310,18 +314,7 @@ class SamplingPipeline:
         pick_rows = head_now and device.type == "cpu"
         search = None
         if pick_rows and not fused_ready("pipeline_prepare", device):
-            stage = call_fused(
-                "pipeline_prepare",
-                _device_prepare,
-                device,
-                sub,
-                dev,
-                fixed,
-                head_size,
-                chunk,
-                False,
-            )
-            stage = _head_where_useful(sub, block, stage, head_size, chunk)
+            stage = _head_where_useful(sub, block, stage_on(sub, dev, False), head_size, chunk)
             use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
         else:
             stage, search = prepare_on(sub, dev)
@@ -780,10 +773,9 @@ def _device_finish(
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host array to ``device``; on CUDA through pinned memory without a host sync."""
-    host = torch.from_numpy(array)
     if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(array).to(device)
+    return _pinned(array).to(device, non_blocking=True)
 
 
 def _pinned(array: np.ndarray) -> torch.Tensor:

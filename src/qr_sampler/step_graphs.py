@@ -55,7 +55,6 @@ class StepGraph:
     out: torch.Tensor  # the result block
     prepare: torch.cuda.CUDAGraph
     finish: torch.cuda.CUDAGraph
-    keep: tuple[torch.Tensor, ...]  # other device tensors the graphs read
 
     def run_prepare(
         self, logits: torch.Tensor, row_index: torch.Tensor | None, dev: torch.Tensor
@@ -109,17 +108,16 @@ class StepGraphs:
         dev: torch.Tensor,
         prepare: PrepareFn,
         finish: FinishFn,
-        keep: tuple[torch.Tensor | None, ...] = (),
     ) -> StepGraph | None:
         """After :meth:`get` found no graph for ``key``: capture one when the
         shape has now been seen :attr:`after` + 1 steps in a row (else None:
         run this step eagerly). ``sub`` and ``dev`` are this step's rows and
-        settings on the device; ``keep``: other device tensors the step reads
-        (kept alive with the graph)."""
+        settings on the device. Every other device tensor the step reads must
+        be reachable from ``prepare``'s output (the graph keeps that alive)."""
         if not self.enabled or key != self._last or self._streak <= self.after:
             return None
         try:
-            graph = _capture(sub, dev, prepare, finish, keep)
+            graph = _capture(sub, dev, prepare, finish)
         except Exception as exc:  # e.g. an op that cannot be captured on this setup
             self.enabled = False
             self._graphs.clear()
@@ -144,7 +142,6 @@ def _capture(
     dev: torch.Tensor,
     prepare: PrepareFn,
     finish: FinishFn,
-    keep: tuple[torch.Tensor | None, ...],
 ) -> StepGraph:
     """Warm the step up on a side stream over new buffers, then capture its
     two halves (sharing one memory pool: they always replay in order)."""
@@ -163,5 +160,4 @@ def _capture(
     g_finish = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g_finish, pool=g_prepare.pool(), capture_error_mode="thread_local"):
         token_ids, out = finish(s_sub, s_dev, s_u, stage)
-    kept = tuple(k for k in keep if k is not None)
-    return StepGraph(s_sub, s_dev, s_u, stage, token_ids, out, g_prepare, g_finish, kept)
+    return StepGraph(s_sub, s_dev, s_u, stage, token_ids, out, g_prepare, g_finish)

@@ -527,10 +527,15 @@ def radix_begin(
     return search
 
 
+def _device_index() -> int:
+    """The current device's index, as Triton's own launch reads it."""
+    index: int = _driver.active.get_current_device() if not _INTERPRETED else 0
+    return index
+
+
 def _launch_pass(search: RadixSearch, r: int) -> None:
-    index = _driver.active.get_current_device() if not _INTERPRETED else 0  # as Triton launches
     wide = min(WIDE_PASSES, search.shape["ROUNDS"] - 1)
-    _PASS(index, search.grid, search.args, {"R": r, "WIDE": wide, **search.shape})
+    _PASS(_device_index(), search.grid, search.args, {"R": r, "WIDE": wide, **search.shape})
 
 
 def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -540,10 +545,9 @@ def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -
     ``out``. No sync."""
     for r in range(1, search.shape["ROUNDS"]):
         _launch_pass(search, r)
-    index = _driver.active.get_current_device() if not _INTERPRETED else 0
     args = search.args
     final_args = (*args[:-2], token_ids, out, out.stride(0), *args[-2:])
-    _FINAL(index, (search.grid[0],), final_args, search.shape)
+    _FINAL(_device_index(), (search.grid[0],), final_args, search.shape)
 
 
 def select_radix_kernel(
