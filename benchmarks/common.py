@@ -77,7 +77,11 @@ def interleaved_ms(
 
 class PoolSource(EntropySource):
     """Fast in-memory entropy: slices of one pre-drawn random pool (benchmarks only,
-    so that a step measures the sampling math, not an entropy transport)."""
+    so that a step measures the sampling math, not an entropy transport).
+
+    The pool is cut once per chunk size into ready ``bytes`` objects, which
+    fetches hand out in turn: a fetch costs a list slice, not a copy of every
+    row's bytes (256 rows x 20,480 bytes took 0.8 ms to slice and copy)."""
 
     name: ClassVar[str] = "bench_pool"
 
@@ -85,16 +89,38 @@ class PoolSource(EntropySource):
         import numpy as np
 
         self._pool = np.random.default_rng(seed).integers(0, 256, pool_bytes, np.uint8).tobytes()
-        self._offset = 0
+        self._cut: dict[int, list[EntropyChunk]] = {}
+        self._next: dict[int, int] = {}
+
+    def _chunks(self, n: int) -> list[EntropyChunk]:
+        cut = self._cut.get(n)
+        if cut is None:
+            count = max(1, len(self._pool) // max(n, 1))
+            pool = self._pool if n <= len(self._pool) else self._pool * (n // len(self._pool) + 1)
+            cut = [
+                EntropyChunk(
+                    data=pool[i * n : (i + 1) * n], source=self.name, generation_timestamp_ns=0
+                )
+                for i in range(count)
+            ]
+            self._cut[n] = cut
+        return cut
 
     def fetch(self, sizes: Sequence[int]) -> list[EntropyChunk]:
         out: list[EntropyChunk] = []
-        for n in sizes:
-            if self._offset + n > len(self._pool):
-                self._offset = 0
-            data = self._pool[self._offset : self._offset + n]
-            self._offset += n
-            out.append(EntropyChunk(data=data, source=self.name, generation_timestamp_ns=0))
+        at = 0
+        while at < len(sizes):  # runs of equal sizes (a batch is usually one run)
+            n, end = sizes[at], at + 1
+            while end < len(sizes) and sizes[end] == n:
+                end += 1
+            cut, k = self._chunks(n), end - at
+            while k:
+                i = self._next.get(n, 0)
+                take = cut[i : i + k]
+                self._next[n] = (i + len(take)) % len(cut)
+                out.extend(take)
+                k -= len(take)
+            at = end
         return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -78,8 +79,12 @@ def test_sample_means_exact_for_large_chunks() -> None:
         sample_means([b"abc", b""])
 
 
-@pytest.mark.parametrize("n", [1, 255, 256, 257, 20_480, 20_481, 70_000])
+@pytest.mark.parametrize(
+    "n", [1, 255, 256, 257, 1_023, 1_024, 1_025, 20_480, 20_481, 70_000, 262_144, 300_001]
+)
 def test_row_byte_sums_are_exact_integer_sums(n: int) -> None:
+    """Lengths around the lane width (1,024) and the fold limit (256 slices,
+    262,144 bytes), where a uint16 lane would overflow one slice later."""
     rng = np.random.default_rng(n)
     block = rng.integers(0, 256, size=(5, n), dtype=np.uint8)
     block[0] = 255  # the largest partial sums: 256 x 255 per uint16 lane
@@ -185,3 +190,39 @@ def test_half_a_unit_per_byte_bias_is_detected() -> None:
         else:
             assert p > 1e-4
             assert abs(float(np.mean(z))) < 5 / math.sqrt(n)
+
+
+def test_large_batches_are_summed_in_parts_on_several_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch above PART_BYTES on a 4-core process: four parts of consecutive
+    rows, on four threads, giving exactly the one-part sums in row order."""
+    from qr_sampler import threads
+    from qr_sampler.sampling import amplify as amp
+
+    rng = np.random.default_rng(7)
+    rows, n = 205, 20_480  # 4.2 MB: four parts, the last one shorter
+    block = rng.integers(0, 256, size=(rows, n), dtype=np.uint8)
+    chunks = [row.tobytes() for row in block]
+    expected = (block.sum(axis=1, dtype=np.uint64).astype(np.float64) / n).tolist()
+    seen: list[tuple[int, int]] = []
+    real = amp._joined_sums
+
+    def spy(part: list[bytes]) -> np.ndarray:
+        seen.append((len(part), threading.get_ident()))
+        return real(part)
+
+    monkeypatch.setattr(amp, "_joined_sums", spy)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    assert sample_means(chunks).tolist() == expected
+    assert sorted(k for k, _ in seen) == [49, 52, 52, 52]
+    assert len({t for _, t in seen}) == 4
+    seen.clear()
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 1)
+    assert sample_means(chunks).tolist() == expected
+    assert seen == [(rows, threading.get_ident())]
+    seen.clear()
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    small = chunks[: (amp.PART_BYTES // n) * 2 - 1]  # just under two parts' worth
+    assert sample_means(small).tolist() == expected[: len(small)]
+    assert [k for k, _ in seen] == [len(small)]

@@ -524,11 +524,21 @@ sys.path.insert(0, "tests")
 from support_sampling import make_params
 from test_select_fast import _logits, _untruncated_rows, KINDS
 from qr_sampler.sampling.select import effective_temperature, row_stats, select_radix
+from qr_sampler.sampling import radix_kernel as rk
 from qr_sampler.sampling.radix_kernel import select_radix_kernel
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
-out = {"rows": 0, "same": 0, "tied_past_first": 0}
-for kind in ("ties", "bf16", "inf", "peaked"):
+out = {"rows": 0, "same": 0, "tied_past_first": 0, "compacted": 0, "whole_slice": 0}
+begin = rk.radix_begin
+def watched(*args, **kwargs):  # after the search: which programs read only their ids
+    search = begin(*args, **kwargs)
+    searches.append(search)
+    return search
+rk.radix_begin = watched
+# 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows often
+for share, kind in [(s, k) for s in (4, 1, 64) for k in ("ties", "bf16", "inf", "peaked")]:
+    rk.COMPACT_SHARE = share
+    searches = []
     logits = torch.from_numpy(_logits(rng, kind, 6, 700))
     rows6 = _untruncated_rows(rng, 6)
     params = make_params(rows6)
@@ -537,6 +547,9 @@ for kind in ("ties", "bf16", "inf", "peaked"):
     on = make_params(rows6, device=dev)
     st = row_stats(logits.to(dev), effective_temperature(on))
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
+    held, cap = searches[0].args[17], searches[0].args[21]
+    out["compacted"] += int((held <= cap).sum())
+    out["whole_slice"] += int((held > cap).sum())
     for i in range(6):
         out["rows"] += 1
         out["same"] += int(
@@ -554,6 +567,7 @@ from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
+rk.COMPACT_SHARE = 4
 settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
 table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.0)]
 rows = [RowState.of(SamplingConfig(top_k=k, top_p=p, min_p=m)) for k, p, m in table] * 3
@@ -588,8 +602,11 @@ def test_radix_kernel_equals_torch_search() -> None:
     """The Triton kernel (in a child process: compiled where a GPU exists, else
     run by Triton's CPU interpreter, as in CI) gives the torch radix search's
     answers, ties included, alone and inside the pipeline (result block
-    written in place). On an H200 the compiled kernel was also compared with
-    the full sort at vocabulary 151,936 (benchmarks/probe_radix.py)."""
+    written in place). Programs that hold their range's ids after the
+    compacting pass and programs with too many of them (reading their whole
+    slice) are both exercised, by varying the share of ids kept. On an H200
+    the compiled kernel was also compared with the full sort at vocabulary
+    151,936 (benchmarks/probe_radix.py)."""
     path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     if not torch.cuda.is_available():
@@ -604,9 +621,11 @@ def test_radix_kernel_equals_torch_search() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["rows"] == 24
-    assert out["same"] == 24, out
+    assert out["rows"] == 72
+    assert out["same"] == 72, out
     assert out["tied_past_first"] >= 1, out  # the tie-locating pass ran
+    # both ways of reading the passes after the compacting one were taken
+    assert out["compacted"] >= 10 and out["whole_slice"] >= 10, out
     assert out["pipeline_same"], "the pipeline's kernel mode differs from its torch mode"
 
 

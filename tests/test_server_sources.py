@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from qr_sampler import threads
 from qr_sampler.server import sources
 
 
@@ -44,7 +45,7 @@ def test_a_token_is_one_call_in_the_calling_thread(calls: list[tuple[int, int]])
 def test_a_batch_is_drawn_in_pieces_on_several_threads(
     calls: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     n = 64 * 20_480
     data = sources.urandom(n)
     assert len(data) == n
@@ -56,7 +57,7 @@ def test_a_batch_is_drawn_in_pieces_on_several_threads(
 def test_one_core_draws_in_one_piece(
     calls: list[tuple[int, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 1)
     sources.urandom(1 << 20)
     assert calls == [(1 << 20, threading.get_ident())]
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from qr_sampler.threads import parts_for, run_split
+
 FloatArray = npt.NDArray[np.float64]
 
 _SQRT2 = math.sqrt(2.0)
@@ -40,38 +42,62 @@ def normal_cdf(z: FloatArray) -> FloatArray:
     return np.array([0.5 * math.erfc(-float(v) / _SQRT2) for v in z], dtype=np.float64)
 
 
-#: bytes summed per uint16 lane: 256 * 255 = 65,280 fits, so the partial sums are exact
-_LANE_BLOCK = 256
+#: bytes per lane row: a row's bytes are folded as (slices, LANE) and summed
+#: down the slices, which numpy vectorises across the contiguous lanes
+_LANE = 1024
+#: slices folded into uint16 lanes at once: 256 * 255 = 65,280 fits, so the
+#: partial sums are exact
+_MAX_FOLD = 256
 
 
 def row_byte_sums(block: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint64]:
     """Exact sum of each row of a 2-D uint8 array.
 
-    Each run of 256 bytes is summed into a uint16 (at most 65,280, no overflow),
-    then those partial sums into a uint64: about twice as fast as widening every
-    byte to uint64, and still an exact integer sum.
+    The row's slices of 1,024 bytes are added lane by lane into uint16 (at most
+    256 slices at a time: no overflow), then the lanes into a uint64: an exact
+    integer sum, ~6x faster than widening every byte to uint64 and ~15 %
+    faster than summing runs of 256 bytes (256 rows x 20,480 bytes: 0.55 ms
+    against 0.66 ms on a 2-core VM).
     """
     rows, n = block.shape
-    whole = n - n % _LANE_BLOCK
-    sums: npt.NDArray[np.uint64] = (
-        block[:, :whole]
-        .reshape(rows, whole // _LANE_BLOCK, _LANE_BLOCK)
-        .sum(axis=2, dtype=np.uint16)
-        .sum(axis=1, dtype=np.uint64)
-    )
+    whole = n - n % _LANE
+    sums = np.zeros(rows, dtype=np.uint64)
+    for at in range(0, whole, _LANE * _MAX_FOLD):
+        end = min(whole, at + _LANE * _MAX_FOLD)
+        folded = block[:, at:end].reshape(rows, (end - at) // _LANE, _LANE)
+        sums += folded.sum(axis=1, dtype=np.uint16).sum(axis=1, dtype=np.uint64)
     if whole < n:
         sums += block[:, whole:].sum(axis=1, dtype=np.uint64)
     return sums
 
 
+#: a batch's bytes are summed in parts of at least this size on several cores
+#: at once (joining and summing release the GIL); smaller batches in one part
+PART_BYTES = 1 << 20
+
+
+def _joined_sums(chunks: Sequence[bytes]) -> npt.NDArray[np.uint64]:
+    """Exact byte sums of equal-length chunks, joined into one block first."""
+    block = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), -1)
+    return row_byte_sums(block)
+
+
 def sample_means(chunks: Sequence[bytes]) -> FloatArray:
-    """Mean byte value of each chunk (exact integer sums, then one division)."""
+    """Mean byte value of each chunk (exact integer sums, then one division).
+
+    Equal-length chunks are summed as one block; a batch of several MiB (256
+    rows of 20,480 bytes: 5.2 MB) in up to four parts of consecutive rows on
+    as many cores (:data:`PART_BYTES`), each part's sums exact all the same.
+    """
     if not chunks:
         return np.zeros(0, dtype=np.float64)
     n = len(chunks[0])
     if n and all(len(c) == n for c in chunks):
-        block = np.frombuffer(b"".join(chunks), dtype=np.uint8).reshape(len(chunks), n)
-        result: FloatArray = row_byte_sums(block).astype(np.float64) / n
+        parts = min(parts_for(n * len(chunks), PART_BYTES), len(chunks))
+        step = -(-len(chunks) // parts)
+        groups = [chunks[at : at + step] for at in range(0, len(chunks), step)]
+        sums = np.concatenate(run_split(_joined_sums, groups))
+        result: FloatArray = sums.astype(np.float64) / n
         return result
     out = np.empty(len(chunks), dtype=np.float64)
     for i, c in enumerate(chunks):

@@ -29,6 +29,14 @@ torch's -- kept mass summed in float64), so the same answers:
   logits (lse not finite) is left untouched: unresolved (result column 4 = 0)
   unless the chunked head answered it, else the exact fallback does.
 
+Compaction: the third pass (:data:`COMPACT_PASS`) also writes the ids of its
+range's tokens, per program and in id order (at most 1 / COMPACT_SHARE of
+the slice; a program with more keeps reading its whole slice), and counts the
+kept tokens above its range; the later passes read only those tokens, and the
+last adds that count to its own. On random logits the range then holds a few
+per cent of the row, so five of the eight passes stop re-reading it (they
+gather those tokens' logits by id: storing x as well measured no faster).
+
 The first pass reads no u: :func:`radix_begin` queues it (the pipeline does
 so before the entropy arrives) and :func:`radix_end` the rest.
 
@@ -60,6 +68,12 @@ PROGRAMS_PER_SM = 32
 MAX_SPLIT = 64
 #: passes that keep per-lane partial sums (the rest reduce each block at once)
 WIDE_PASSES = 3
+#: the pass that writes the ids of its range's tokens (per program, in id
+#: order) for the later passes, which then read only those
+COMPACT_PASS = 2
+#: a program keeps at most 1 / COMPACT_SHARE of its slice's ids; a program with
+#: more in range reads its whole slice in the later passes, as before
+COMPACT_SHARE = 4
 
 _SIGN: Any = tl.constexpr(2147483648)  # 2**31
 _FLT_MAX: Any = tl.constexpr(3.4028234663852886e38)
@@ -169,6 +183,45 @@ def _choose(
 
 
 @triton.jit
+def _narrow_block(
+    x,
+    offs,
+    inside,
+    cand,
+    hi,
+    edges,
+    lse,
+    floor,
+    mass,
+    count,
+    low,
+    over,
+    LAST: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+):
+    """One block of a pass after the wide ones (``cand``: its tokens in the
+    range): the kept mass at or above each edge, reduced at once; the last pass
+    also counts kept tokens at or above each edge and above the range, and
+    the smallest id (``offs``) at each key."""
+    if LAST:
+        p, keep = _kept(x, inside, lse, floor, EXACT_EXP)
+        over += (keep & (x >= hi)).to(tl.int32)
+        mine = keep & cand
+        if tl.sum(mine.to(tl.int32), axis=0) > 0:
+            w = tl.where(mine, p, 0.0)
+            ge = x[None, :] >= edges[:, None]
+            mass += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
+            count += tl.sum((ge & mine[None, :]).to(tl.int32), axis=1)
+            at = (x[None, :] == edges[:, None]) & mine[None, :]
+            low = tl.minimum(low, tl.min(tl.where(at, offs[None, :], _NO_ID), axis=1))
+    elif tl.sum(cand.to(tl.int32), axis=0) > 0:
+        p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
+        w = tl.where(keep, p, 0.0)
+        mass += tl.sum(tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0), axis=1)
+    return mass, count, low, over
+
+
+@triton.jit
 def _pass_kernel(
     logits_ptr,
     stride,
@@ -186,8 +239,12 @@ def _pass_kernel(
     low_ptr,
     acnt_ptr,
     kcnt_ptr,
+    cid_ptr,
+    ccnt_ptr,
+    cover_ptr,
     n,
     chunk,
+    cap,
     U_COL,
     MINP_COL,
     R: tl.constexpr,
@@ -198,6 +255,7 @@ def _pass_kernel(
     SPLIT_P2: tl.constexpr,
     EXACT_EXP: tl.constexpr,
     WIDE: tl.constexpr,
+    COMPACT: tl.constexpr,
 ):
     i = tl.program_id(0)
     c = tl.program_id(1)
@@ -232,50 +290,96 @@ def _pass_kernel(
     low = tl.full([NB], _NO_ID, dtype=tl.int32)
     over = tl.zeros([BLOCK], dtype=tl.int32)
     kept = tl.zeros([BLOCK], dtype=tl.int32)
-    raw = tl.load(row_ptr + start + lanes, mask=start + lanes < end, other=float("-inf"))
-    for s in range(start, end, BLOCK):
+    slot = i * SPLIT + c
+    written = tl.zeros([], dtype=tl.int32)  # ids written by the compacting pass
+    above_n = tl.zeros([BLOCK], dtype=tl.int32)  # its kept tokens above its range
+    scan_end = end  # the slice's end; its start when the ids held are read instead
+    if R > COMPACT:
+        held = tl.load(ccnt_ptr + slot)
+        compacted = held <= cap
+        scan_end = tl.where(compacted, start, end)
+        # the ids of the tokens in the compacting pass's range, in id order
+        for s in range(0, tl.where(compacted, held, 0), BLOCK):
+            k = s + lanes
+            inside = k < held
+            offs = tl.load(cid_ptr + slot * cap + k, mask=inside, other=0)
+            raw = tl.load(row_ptr + offs, mask=inside, other=float("-inf"))
+            x = _scaled(raw, inside, t)
+            cand = inside & (x >= lo) & (x < hi)
+            mass, count, low, over = _narrow_block(
+                x,
+                offs,
+                inside,
+                cand,
+                hi,
+                edges,
+                lse,
+                floor,
+                mass,
+                count,
+                low,
+                over,
+                R == ROUNDS - 1,
+                EXACT_EXP,
+            )
+    raw = tl.load(row_ptr + start + lanes, mask=start + lanes < scan_end, other=float("-inf"))
+    for s in range(start, scan_end, BLOCK):
         offs = s + lanes
-        inside = offs < end
+        inside = offs < scan_end
         x = _scaled(raw, inside, t)
         # the next block's load is in flight while this one is worked on
         ahead = s + BLOCK + lanes
-        raw = tl.load(row_ptr + ahead, mask=ahead < end, other=float("-inf"))
+        raw = tl.load(row_ptr + ahead, mask=ahead < scan_end, other=float("-inf"))
         cand = inside & (x >= lo) & (x < hi)
-        if R == ROUNDS - 1:
-            p, keep = _kept(x, inside, lse, floor, EXACT_EXP)
-            over += (keep & (x >= hi)).to(tl.int32)
-            mine = keep & cand
-            if tl.sum(mine.to(tl.int32), axis=0) > 0:
-                w = tl.where(mine, p, 0.0)
-                ge = x[None, :] >= edges[:, None]
-                mass += tl.sum(tl.where(ge, w[None, :], 0.0), axis=1)
-                count += tl.sum((ge & mine[None, :]).to(tl.int32), axis=1)
-                at = (x[None, :] == edges[:, None]) & mine[None, :]
-                low = tl.minimum(low, tl.min(tl.where(at, offs[None, :], _NO_ID), axis=1))
-        elif R < WIDE:
-            p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
+        if R < WIDE:
+            if R == COMPACT:
+                # p for the range and above it: the kept tokens above are counted
+                p, kept_lo = _kept(x, inside & (x >= lo), lse, floor, EXACT_EXP)
+                keep = kept_lo & (x < hi)
+                above_n += (kept_lo & (x >= hi)).to(tl.int32)
+                at = written + tl.cumsum(cand.to(tl.int32), axis=0) - 1
+                tl.store(cid_ptr + slot * cap + at, offs, mask=cand & (at < cap))
+                written += tl.sum(cand.to(tl.int32), axis=0)
+            else:
+                p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
             w = tl.where(keep, p, 0.0)
             mass += tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0)
             if R == 0:
                 kept += keep.to(tl.int32)
-        elif tl.sum(cand.to(tl.int32), axis=0) > 0:
-            p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
-            w = tl.where(keep, p, 0.0)
-            mass += tl.sum(tl.where(x[None, :] >= edges[:, None], w[None, :], 0.0), axis=1)
-            if R == 0:
-                kept += keep.to(tl.int32)
+        else:
+            mass, count, low, over = _narrow_block(
+                x,
+                offs,
+                inside,
+                cand,
+                hi,
+                edges,
+                lse,
+                floor,
+                mass,
+                count,
+                low,
+                over,
+                R == ROUNDS - 1,
+                EXACT_EXP,
+            )
     base = (R * n + i) * SPLIT + c
     if R < WIDE:
         tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1))
     else:
         tl.store(part_ptr + base * NB + bins, mass)
     if R == 0:
-        tl.store(kcnt_ptr + i * SPLIT + c, tl.sum(kept, axis=0))
+        tl.store(kcnt_ptr + slot, tl.sum(kept, axis=0))
+    if R == COMPACT:
+        tl.store(ccnt_ptr + slot, written)
+        tl.store(cover_ptr + slot, tl.sum(above_n, axis=0))
     if R == ROUNDS - 1:
-        mine_base = (i * SPLIT + c) * NB
-        tl.store(cnt_ptr + mine_base + bins, count)
-        tl.store(low_ptr + mine_base + bins, low)
-        tl.store(acnt_ptr + i * SPLIT + c, tl.sum(over, axis=0))
+        tl.store(cnt_ptr + slot * NB + bins, count)
+        tl.store(low_ptr + slot * NB + bins, low)
+        # read in id order: the kept tokens above the compacting pass's range
+        # were counted by it (the ids held are all inside that range)
+        extra = tl.where(compacted, tl.load(cover_ptr + slot), 0)
+        tl.store(acnt_ptr + slot, tl.sum(over, axis=0) + extra)
 
 
 @triton.jit
@@ -296,8 +400,12 @@ def _final_kernel(
     low_ptr,
     acnt_ptr,
     kcnt_ptr,
+    cid_ptr,
+    ccnt_ptr,
+    cover_ptr,
     n,
     chunk,
+    cap,
     token_ptr,
     out_ptr,
     out_stride,
@@ -510,9 +618,13 @@ def radix_begin(
     low = torch.empty(n, split, nb, dtype=torch.int32, device=device)
     acnt = torch.empty(n, split, dtype=torch.int32, device=device)
     kcnt = torch.empty(n, split, dtype=torch.int32, device=device)
+    cap = max(1, chunk // COMPACT_SHARE)
+    cid = torch.empty(n, split, cap, dtype=torch.int32, device=device)
+    ccnt = torch.empty(n, split, dtype=torch.int32, device=device)
+    cover = torch.empty(n, split, dtype=torch.int32, device=device)
     t, lse, max_logit = (v.float().contiguous() for v in (t, lse, max_logit))
     common = (logits, logits.stride(0), vocab, rows, t, lse, max_logit, params, params.stride(0))
-    scratch = (part, above, pref, cnt, low, acnt, kcnt, n, chunk)
+    scratch = (part, above, pref, cnt, low, acnt, kcnt, cid, ccnt, cover, n, chunk, cap)
     shape = {
         "ROUNDS": rounds,
         "BITS": BITS,
@@ -535,7 +647,8 @@ def _device_index() -> int:
 
 def _launch_pass(search: RadixSearch, r: int) -> None:
     wide = min(WIDE_PASSES, search.shape["ROUNDS"] - 1)
-    _PASS(_device_index(), search.grid, search.args, {"R": r, "WIDE": wide, **search.shape})
+    consts = {"R": r, "WIDE": wide, "COMPACT": min(COMPACT_PASS, wide - 1), **search.shape}
+    _PASS(_device_index(), search.grid, search.args, consts)
 
 
 def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -> None:

@@ -3,46 +3,33 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from qr_sampler.entropy.timing import jitter_bytes
+from qr_sampler.threads import MAX_PARTS, parts_for, run_split
 
 #: requests at least this large are drawn in pieces on several cores at once
 #: (os.urandom releases the GIL while the kernel generates); below it a thread
 #: hand-off costs more than it saves (20,480 bytes: 39 us alone, 115 us in two)
 PARALLEL_BYTES = 256 * 1024
 #: at most this many pieces (the calling thread draws one of them)
-MAX_PIECES = 4
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _helpers() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(MAX_PIECES - 1, thread_name_prefix="qr-urandom")
-        return _pool
+MAX_PIECES = MAX_PARTS
 
 
 def urandom(n: int) -> bytes:
     """The operating system's CSPRNG (for testing and deployments without hardware).
 
     A large request (a whole batch's bytes, e.g. 64 rows x 20,480 = 1.3 MB) is
-    drawn as up to :data:`MAX_PIECES` consecutive pieces on as many cores at
-    once, each a fresh ``os.urandom`` call after the request arrived: 2.4 ms
-    -> 1.4 ms for 1.3 MB on a 2-core host. The bytes are the kernel's either way.
+    drawn as up to :data:`MAX_PIECES` consecutive pieces on as many of the
+    process's cores at once, each a fresh ``os.urandom`` call after the request
+    arrived: 2.4 ms -> 1.4 ms for 1.3 MB on a 2-core host. The bytes are the
+    kernel's either way.
     """
-    pieces = min(MAX_PIECES, os.cpu_count() or 1, n // (PARALLEL_BYTES // 2))
+    pieces = parts_for(n, PARALLEL_BYTES // 2)
     if pieces < 2:
         return os.urandom(n)
     size = -(-n // pieces)
-    rest = [_helpers().submit(os.urandom, min(size, n - at)) for at in range(size, n, size)]
-    first = os.urandom(size)
-    return b"".join([first, *(f.result() for f in rest)])
+    return b"".join(run_split(os.urandom, [min(size, n - at) for at in range(0, n, size)]))
 
 
 def timing(n: int) -> bytes:
