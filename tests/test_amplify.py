@@ -196,7 +196,8 @@ def test_large_batches_are_summed_in_parts_on_several_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A batch above PART_BYTES on a 4-core process: four parts of consecutive
-    rows, on four threads, giving exactly the one-part sums in row order."""
+    rows, on the caller and helper threads, giving exactly the one-part sums
+    in row order."""
     from qr_sampler import threads
     from qr_sampler.sampling import amplify as amp
 
@@ -216,7 +217,10 @@ def test_large_batches_are_summed_in_parts_on_several_threads(
     monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
     assert sample_means(chunks).tolist() == expected
     assert sorted(k for k, _ in seen) == [49, 52, 52, 52]
-    assert len({t for _, t in seen}) == 4
+    # the caller sums the first part; the others go to the helper threads (an
+    # idle helper may take two of them, so only "not all in the caller")
+    assert (52, threading.get_ident()) in seen
+    assert len({t for _, t in seen}) >= 2
     seen.clear()
     monkeypatch.setattr(threads, "usable_cpus", lambda: 1)
     assert sample_means(chunks).tolist() == expected

@@ -14,8 +14,12 @@ from qr_sampler import threads
 def test_results_come_back_in_order_with_the_first_part_in_the_caller() -> None:
     seen: list[tuple[int, int]] = []
 
+    helpers = threading.Barrier(3, timeout=30)  # parts 2-4 must run at once
+
     def work(i: int) -> int:
         seen.append((i, threading.get_ident()))
+        if i > 1:
+            helpers.wait()
         time.sleep(0.01 * (4 - i))  # later parts end first
         return i * i
 
