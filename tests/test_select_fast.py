@@ -809,3 +809,55 @@ def test_flat_rows_skip_the_head_and_stay_exact(monkeypatch: pytest.MonkeyPatch)
     token_ids, host = pipe.choose(torch.from_numpy(logits.copy()), None, rows, u=u.repeat(3))
     assert finishes == [24], finishes  # rows with a head: the head selection runs
     pipe.close()
+
+
+def test_peaked_rows_take_their_top_token_found_before_u(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eager on the CPU, a batch of plain rows whose most likely token holds at
+    least TOP_FIRST of the mass has those tokens found in prepare (before u);
+    finish then compares u only. Tokens and result block equal, bit for bit,
+    those of the same pipeline with that step removed, for u all below the
+    top probabilities (compared only), some above (the fallback, given the
+    ids), EDT rows among them, and a batch with one flat row (not found
+    early); and they equal the full sort."""
+    import qr_sampler.pipeline as pipeline_mod
+
+    real = pipeline_mod.peaked_top_tokens
+    found: list[bool] = []
+
+    def spy(*args: Any) -> Any:
+        out = real(*args)
+        found.append(out is not None)
+        return out
+
+    rng = np.random.default_rng(83)
+    vocab = 20_000
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    pipe = SamplingPipeline(  # a small head: the flat row gets none either
+        settings, source=MockUniformSource(seed=3), sink=RecordSink(None), head_size=16
+    )
+    configs = [SamplingConfig(), SamplingConfig(temperature_strategy="edt"), SamplingConfig()]
+    rows = [RowState.of(configs[i % 3]) for i in range(8)]
+    logits = rng.standard_normal((8, vocab)).astype(np.float32)
+    logits[np.arange(8), rng.integers(0, vocab, 8)] += 16.0  # p_top > 0.99
+    flat_too = logits.copy()
+    flat_too[5] = _logits(rng, "flat", 1, vocab)[0]
+    cases = [
+        (logits, rng.uniform(1e-10, 0.5, 8), True),  # all below: compared only
+        (logits, np.where(np.arange(8) % 4 == 0, 1 - 1e-10, 0.3), True),  # two above
+        (flat_too, rng.uniform(1e-10, 0.5, 8), False),  # a flat row: not found early
+    ]
+    for values, u, early in cases:
+        results = []
+        for on in (True, False):
+            monkeypatch.setattr(pipeline_mod, "peaked_top_tokens", spy if on else lambda *a: None)
+            found.clear()
+            token_ids, host = pipe.choose(torch.from_numpy(values.copy()), None, rows, u)
+            if on:
+                assert found == [early]
+            results.append((token_ids.tolist(), host))
+        assert results[0][0] == results[1][0]
+        assert np.array_equal(results[0][1], results[1][1])
+        # (rows with u at 1 - 1e-10 pick among the last, float-fragile ranks: skipped)
+        checked = _checked_against_full_sort(values, rows, u, torch.tensor(results[0][0]), host)
+        assert checked >= 6, checked
+    pipe.close()

@@ -58,6 +58,7 @@ from qr_sampler.sampling.select import (
     force_tokens,
     fused_ready,
     log_normalizer,
+    peaked_top_tokens,
     radix_eligible,
     row_stats,
     select_in_head,
@@ -157,6 +158,9 @@ class _Prepared:
     stage: Stage  # _device_prepare's outputs
     search: Any = None  # the radix kernel's search, its first pass queued (radix_begin)
     graph: StepGraph | None = None  # the captured step these ran in, if any
+    #: every row peaked (eager CPU, no head): each row's most likely token id
+    #: and its probability (float64, host), the answer for a u below it
+    top: tuple[torch.Tensor, np.ndarray] | None = None
 
 
 class SamplingPipeline:
@@ -312,28 +316,44 @@ class SamplingPipeline:
         # eager on the CPU the host may look at the statistics for free: the head
         # is built only for rows it can plausibly resolve (see _head_where_useful)
         pick_rows = head_now and device.type == "cpu"
-        search = None
+        search, top = None, None
         if pick_rows and not fused_ready("pipeline_prepare", device):
             stage = _head_where_useful(sub, block, stage_on(sub, dev, False), head_size, chunk)
             use_head = bool(stage[7].any())  # some row has a head (exact length > 0)
+            if not (use_head or use_radix):
+                # peaked rows (a language model's usual step): find their most
+                # likely tokens now, while the entropy is still on its way, so
+                # that finish() has only u to compare
+                found = peaked_top_tokens(
+                    sub, _selection_params(dev, stage[0]), _stage_stats(stage), TOP_FIRST
+                )
+                top = None if found is None else (found[0], found[1].numpy())
         else:
             stage, search = prepare_on(sub, dev)
-        return _Prepared(sub, dev, mode, radix, use_radix, use_head, small, stage, search)
+        flags = (mode, radix, use_radix, use_head, small)
+        return _Prepared(sub, dev, *flags, stage, search, top=top)
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
         to the host (the step's sync) and the rare exact fallback."""
         sub, dev = prep.sub, prep.dev
         u64 = np.asarray(u, dtype=np.float64)
-        t, entropy, lse, max_logit = prep.stage[:4]
-        stats = RowStats(max_logit, entropy, prep.stage[4], lse)
+        t, entropy = prep.stage[:2]
+        stats = _stage_stats(prep.stage)
         if prep.graph is not None:
             token_ids, out = prep.graph.run_finish(_pinned(u64))
         elif not (prep.use_head or prep.use_radix):
             # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
             # row takes the exact fallback straight away
-            dev[:, _U] = _to_device(u64, sub.device)
-            rest = select_rest(sub, _selection_params(dev, t), stats)
+            top_ids = None if prep.top is None else prep.top[0]
+            if prep.top is not None and bool((u64 < prep.top[1]).all()):
+                # every row's u below its most likely token's probability: that
+                # token, as the fallback would answer (found in prepare)
+                ids, p_top = prep.top[0], torch.from_numpy(prep.top[1])
+                rest = Selection(ids, torch.zeros_like(ids), p_top, stats.num_finite)
+            else:
+                dev[:, _U] = _to_device(u64, sub.device)
+                rest = select_rest(sub, _selection_params(dev, t), stats, top_ids)
             return rest.token_ids, self._to_host(rest, torch.ones_like(rest.rank), t, entropy)
         else:
             flags = (prep.use_head, prep.use_radix, prep.mode, prep.small)
@@ -667,6 +687,11 @@ def _select_on_device(
         except Exception as exc:
             _radix_failed(exc)
     return token_ids, out
+
+
+def _stage_stats(stage: Stage) -> RowStats:
+    """The row statistics among :func:`_device_prepare`'s outputs."""
+    return RowStats(stage[3], stage[1], stage[4], stage[2])
 
 
 def _selection_params(dev: torch.Tensor, t: torch.Tensor) -> SelectionParams:

@@ -558,7 +558,10 @@ def untruncated(params: SelectionParams, vocab: int) -> torch.Tensor:
 
 
 def select_tail(
-    logits: torch.Tensor, params: SelectionParams, stats: RowStats | None = None
+    logits: torch.Tensor,
+    params: SelectionParams,
+    stats: RowStats | None = None,
+    top_ids: torch.Tensor | None = None,
 ) -> Selection:
     """Exact selection for untruncated rows (see :func:`untruncated`) without
     ordering the vocabulary: the probability mass is bucketed by value (64
@@ -573,6 +576,9 @@ def select_tail(
     language model's, need no histogram), and the other rows reuse the
     normaliser.
 
+    ``top_ids``: those most likely tokens' ids where already known
+    (:func:`peaked_top_tokens`), saving the comparison pass.
+
     Meant for the few rows the head leaves (a few passes over the rows, one
     small sort of the chosen buckets' tokens; host syncs, so used on the CPU).
     """
@@ -585,7 +591,8 @@ def select_tail(
     if not bool(first.any()):
         return _tail_histogram(logits, params, stats.lse)
     zero = torch.zeros_like(stats.num_finite)
-    top = Selection(_first_at(logits, x_max, t), zero, p_top, stats.num_finite)
+    ids = top_ids if top_ids is not None else _first_at(logits, x_max, t)
+    top = Selection(ids, zero, p_top, stats.num_finite)
     if bool(first.all()):
         return top
     rest = torch.nonzero(~first).squeeze(1)
@@ -593,6 +600,23 @@ def select_tail(
         logits.index_select(0, rest), _take(params, rest), stats.lse.index_select(0, rest)
     )
     return _merge(top, rest, part)
+
+
+def peaked_top_tokens(
+    logits: torch.Tensor, params: SelectionParams, stats: RowStats, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`select_tail`'s answer for a u below the most likely token's
+    probability, found without u: per row that token (the first of its
+    maxima) and its probability -- when every row is untruncated and that
+    probability is at least ``threshold`` in each (None otherwise, before the
+    comparison pass is paid)."""
+    if stats.lse is None or not bool(untruncated(params, logits.shape[-1]).all()):
+        return None
+    t = effective_temperature(params)
+    x_max, p_top = top_token_probability(stats.max_logit, t, stats.lse)
+    if not bool((p_top >= threshold).all()):
+        return None
+    return _first_at(logits, x_max, t), p_top
 
 
 def top_token_probability(
@@ -859,18 +883,21 @@ def _nth_true(
 
 
 def select_rest(
-    logits: torch.Tensor, params: SelectionParams, stats: RowStats | None = None
+    logits: torch.Tensor,
+    params: SelectionParams,
+    stats: RowStats | None = None,
+    top_ids: torch.Tensor | None = None,
 ) -> Selection:
     """The exact answer for a few rows the head could not resolve: the tail
     histogram for untruncated rows on the CPU (``stats``: the rows' statistics
-    where known), the full sort otherwise."""
+    where known; ``top_ids``: see :func:`select_tail`), the full sort otherwise."""
     if logits.device.type != "cpu":
         return select_sorted(logits, params)
     plain = untruncated(params, logits.shape[-1])
     if not bool(plain.any()):
         return select_sorted(logits, params)
     if bool(plain.all()):  # no copy of the rows
-        return select_tail(logits, params, stats)
+        return select_tail(logits, params, stats, top_ids)
     tail_rows = torch.nonzero(plain).squeeze(1)
     tail = select_tail(
         logits.index_select(0, tail_rows),
