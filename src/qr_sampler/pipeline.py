@@ -345,14 +345,16 @@ class SamplingPipeline:
         elif not (prep.use_head or prep.use_radix):
             # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
             # row takes the exact fallback straight away
-            top_ids = None if prep.top is None else prep.top[0]
             if prep.top is not None and bool((u64 < prep.top[1]).all()):
                 # every row's u below its most likely token's probability: that
                 # token, as the fallback would answer (found in prepare)
-                ids, p_top = prep.top[0], torch.from_numpy(prep.top[1])
-                rest = Selection(ids, torch.zeros_like(ids), p_top, stats.num_finite)
+                ids, p_top = prep.top
+                rest = Selection(
+                    ids, torch.zeros_like(ids), torch.from_numpy(p_top), stats.num_finite
+                )
             else:
                 dev[:, _U] = _to_device(u64, sub.device)
+                top_ids = None if prep.top is None else prep.top[0]
                 rest = select_rest(sub, _selection_params(dev, t), stats, top_ids)
             return rest.token_ids, self._to_host(rest, torch.ones_like(rest.rank), t, entropy)
         else:
