@@ -529,12 +529,16 @@ from qr_sampler.sampling.radix_kernel import select_radix_kernel
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
 out = {"rows": 0, "same": 0, "tied_past_first": 0, "compacted": 0, "whole_slice": 0}
-begin = rk.radix_begin
-def watched(*args, **kwargs):  # after the search: which programs read only their ids
-    search = begin(*args, **kwargs)
-    searches.append(search)
-    return search
-rk.radix_begin = watched
+out.update(joined=0, shrunk=0)
+launch = rk._launch_pass
+def watched(search, r):  # how many ids each program holds after each pass
+    launch(search, r)
+    if r == 0:
+        searches.append(search)
+        held.clear()
+    held.append(search.args[17].clone())
+rk._launch_pass = watched
+held = []
 # 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows often
 for share, kind in [(s, k) for s in (4, 1, 64) for k in ("ties", "bf16", "inf", "peaked")]:
     rk.COMPACT_SHARE = share
@@ -547,9 +551,11 @@ for share, kind in [(s, k) for s in (4, 1, 64) for k in ("ties", "bf16", "inf", 
     on = make_params(rows6, device=dev)
     st = row_stats(logits.to(dev), effective_temperature(on))
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
-    held, cap = searches[0].args[17], searches[0].args[21]
-    out["compacted"] += int((held <= cap).sum())
-    out["whole_slice"] += int((held > cap).sum())
+    cap, first, last = searches[0].args[21], held[rk.COMPACT_PASS], held[-2]
+    out["compacted"] += int((first <= cap).sum())  # read only their ids from the next pass on
+    out["whole_slice"] += int((first > cap).sum())
+    out["joined"] += int(((first > cap) & (last <= cap)).sum())  # held ids from a later pass on
+    out["shrunk"] += int(((first <= cap) & (last < first)).sum())  # rewrote a shorter list
     for i in range(6):
         out["rows"] += 1
         out["same"] += int(
@@ -604,7 +610,9 @@ def test_radix_kernel_equals_torch_search() -> None:
     answers, ties included, alone and inside the pipeline (result block
     written in place). Programs that hold their range's ids after the
     compacting pass and programs with too many of them (reading their whole
-    slice) are both exercised, by varying the share of ids kept. On an H200
+    slice) are both exercised, by varying the share of ids kept, as are
+    lists rewritten shorter by later passes and programs that start holding
+    ids after reading their whole slice. On an H200
     the compiled kernel was also compared with the full sort at vocabulary
     151,936 (benchmarks/probe_radix.py)."""
     path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
@@ -624,8 +632,11 @@ def test_radix_kernel_equals_torch_search() -> None:
     assert out["rows"] == 72
     assert out["same"] == 72, out
     assert out["tied_past_first"] >= 1, out  # the tie-locating pass ran
-    # both ways of reading the passes after the compacting one were taken
+    # both ways of reading the passes after the compacting one were taken;
+    # later passes rewrote shorter lists, and programs that read their whole
+    # slice after the compacting pass held ids from a later pass on
     assert out["compacted"] >= 10 and out["whole_slice"] >= 10, out
+    assert out["shrunk"] >= 10 and out["joined"] >= 10, out
     assert out["pipeline_same"], "the pipeline's kernel mode differs from its torch mode"
 
 
