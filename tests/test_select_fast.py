@@ -529,7 +529,7 @@ from qr_sampler.sampling.radix_kernel import select_radix_kernel
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
 out = {"rows": 0, "same": 0, "tied_past_first": 0, "compacted": 0, "whole_slice": 0}
-out.update(joined=0, shrunk=0)
+out.update(joined=0, shrunk=0, int16=0)
 launch = rk._launch_pass
 def watched(search, r):  # how many ids each program holds after each pass
     launch(search, r)
@@ -539,9 +539,11 @@ def watched(search, r):  # how many ids each program holds after each pass
     held.append(search.args[17].clone())
 rk._launch_pass = watched
 held = []
-# 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows often
-for share, kind in [(s, k) for s in (4, 1, 64) for k in ("ties", "bf16", "inf", "peaked")]:
-    rk.COMPACT_SHARE = share
+# 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows
+# often; held as int16 offsets, or as int32 where SHORT_IDS_MAX is 0
+cases = [(2, 32_768), (1, 0), (64, 32_768)]
+for (share, short), kind in [(c, k) for c in cases for k in ("ties", "bf16", "inf", "peaked")]:
+    rk.COMPACT_SHARE, rk.SHORT_IDS_MAX = share, short
     searches = []
     logits = torch.from_numpy(_logits(rng, kind, 6, 700))
     rows6 = _untruncated_rows(rng, 6)
@@ -552,6 +554,7 @@ for share, kind in [(s, k) for s in (4, 1, 64) for k in ("ties", "bf16", "inf", 
     st = row_stats(logits.to(dev), effective_temperature(on))
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
     cap, first, last = searches[0].args[21], held[rk.COMPACT_PASS], held[-2]
+    out["int16"] += int(searches[0].args[16].dtype == torch.int16)  # the ids held
     out["compacted"] += int((first <= cap).sum())  # read only their ids from the next pass on
     out["whole_slice"] += int((first > cap).sum())
     out["joined"] += int(((first > cap) & (last <= cap)).sum())  # held ids from a later pass on
@@ -573,7 +576,7 @@ from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
-rk.COMPACT_SHARE = 4
+rk.COMPACT_SHARE, rk.SHORT_IDS_MAX = 2, 32_768
 settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
 table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.0)]
 rows = [RowState.of(SamplingConfig(top_k=k, top_p=p, min_p=m)) for k, p, m in table] * 3
@@ -611,8 +614,9 @@ def test_radix_kernel_equals_torch_search() -> None:
     written in place). Programs that hold their range's ids after the
     compacting pass and programs with too many of them (reading their whole
     slice) are both exercised, by varying the share of ids kept, as are
-    lists rewritten shorter by later passes and programs that start holding
-    ids after reading their whole slice. On an H200
+    lists rewritten shorter by later passes, programs that start holding
+    ids after reading their whole slice, and ids held as 16-bit and as
+    32-bit offsets. On an H200
     the compiled kernel was also compared with the full sort at vocabulary
     151,936 (benchmarks/probe_radix.py)."""
     path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
@@ -637,6 +641,7 @@ def test_radix_kernel_equals_torch_search() -> None:
     # slice after the compacting pass held ids from a later pass on
     assert out["compacted"] >= 10 and out["whole_slice"] >= 10, out
     assert out["shrunk"] >= 10 and out["joined"] >= 10, out
+    assert out["int16"] == 8, out  # 16-bit offsets in two cases of three, 32-bit in one
     assert out["pipeline_same"], "the pipeline's kernel mode differs from its torch mode"
 
 

@@ -76,8 +76,16 @@ WIDE_PASSES = 3
 #: order) for the later passes, which then read only those
 COMPACT_PASS = 2
 #: a program keeps at most 1 / COMPACT_SHARE of its slice's ids; a program with
-#: more in range reads its whole slice in the later passes, as before
-COMPACT_SHARE = 4
+#: more in range reads its whole slice in the later passes. A half, not a
+#: quarter: on randn·3 logits, rows whose 8-bit range is [2, 8) hold ~25 % of
+#: the row there, and their programs over a quarter made the next pass the
+#: slowest after the wide ones (search at batch 256 on an H200: 1,014 ->
+#: 893 µs; batch 64: 334 -> 303 µs)
+COMPACT_SHARE = 2
+#: slices of at most this many ids (at vocab 151,936 on a GPU of 132 SMs,
+#: every batch up to 844 rows) hold them as int16 offsets, else int32: the
+#: half-row list then takes the memory a quarter-row list of int32 took
+SHORT_IDS_MAX = 32_768
 
 _SIGN: Any = tl.constexpr(2147483648)  # 2**31
 _FLT_MAX: Any = tl.constexpr(3.4028234663852886e38)
@@ -226,12 +234,13 @@ def _narrow_block(
 
 
 @triton.jit
-def _hold_ids(ids_ptr, cap, cand, offs, written):
+def _hold_ids(ids_ptr, cap, cand, offs, start, written):
     """Append the ids ``offs`` of the block's tokens in the range (``cand``) to
-    a program's list at ``ids_ptr`` (in id order; those past ``cap`` are not
-    stored, but counted: a count above ``cap`` means the list is not used)."""
+    a program's list at ``ids_ptr``, as offsets from its slice's ``start``
+    (in id order; those past ``cap`` are not stored, but counted: a count
+    above ``cap`` means the list is not used)."""
     at = written + tl.cumsum(cand.to(tl.int32), axis=0) - 1
-    tl.store(ids_ptr + at, offs, mask=cand & (at < cap))
+    tl.store(ids_ptr + at, offs - start, mask=cand & (at < cap))
     return written + tl.sum(cand.to(tl.int32), axis=0)
 
 
@@ -324,7 +333,7 @@ def _pass_kernel(
         for s in range(0, tl.where(compacted, held, 0), BLOCK):
             k = s + lanes
             inside = k < held
-            offs = tl.load(cid_ptr + slot * cap + k, mask=inside, other=0)
+            offs = start + tl.load(cid_ptr + slot * cap + k, mask=inside, other=0).to(tl.int32)
             raw = tl.load(row_ptr + offs, mask=inside, other=float("-inf"))
             x = _scaled(raw, inside, t)
             cand = inside & (x >= lo) & (x < hi)
@@ -333,7 +342,7 @@ def _pass_kernel(
                 LAST, EXACT_EXP,
             )  # fmt: skip
             if HOLD:
-                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, written)
+                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
     raw = tl.load(row_ptr + start + lanes, mask=start + lanes < scan_end, other=float("-inf"))
     for s in range(start, scan_end, BLOCK):
         offs = s + lanes
@@ -349,7 +358,7 @@ def _pass_kernel(
                 p, kept_lo = _kept(x, inside & (x >= lo), lse, floor, EXACT_EXP)
                 keep = kept_lo & (x < hi)
                 above_n += (kept_lo & (x >= hi)).to(tl.int32)
-                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, written)
+                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
             else:
                 p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
             w = tl.where(keep, p, 0.0)
@@ -362,7 +371,7 @@ def _pass_kernel(
                 LAST, EXACT_EXP,
             )  # fmt: skip
             if HOLD:
-                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, written)
+                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
     base = (R * n + i) * SPLIT + c
     if R < WIDE:
         tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1))
@@ -630,7 +639,9 @@ def radix_begin(
     acnt = torch.empty(n, split, dtype=torch.int32, device=device)
     kcnt = torch.empty(n, split, dtype=torch.int32, device=device)
     cap = max(1, chunk // COMPACT_SHARE)
-    cid = torch.empty(n, split, cap, dtype=torch.int32, device=device)
+    # ids are held as offsets in their program's slice: 16 bits where they fit
+    short = chunk <= SHORT_IDS_MAX
+    cid = torch.empty(n, split, cap, dtype=torch.int16 if short else torch.int32, device=device)
     ccnt = torch.empty(n, split, dtype=torch.int32, device=device)
     cover = torch.empty(n, split, dtype=torch.int32, device=device)
     t, lse, max_logit = (v.float().contiguous() for v in (t, lse, max_logit))
