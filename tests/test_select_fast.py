@@ -529,16 +529,16 @@ from qr_sampler.sampling.radix_kernel import select_radix_kernel
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
 out = {"rows": 0, "same": 0, "tied_past_first": 0, "compacted": 0, "whole_slice": 0}
-out.update(joined=0, shrunk=0, int16=0)
+out.update(joined=0, shrunk=0, int16=0, guessed_right=0, guessed_wrong=0, u_late_same=0)
 launch = rk._launch_pass
-def watched(search, r):  # how many ids each program holds after each pass
-    launch(search, r)
+def watched(search, r, phase=0):  # how many ids each program holds after each pass
+    launch(search, r, phase=phase)
     if r == 0:
         searches.append(search)
         held.clear()
-    held.append(search.args[17].clone())
+    held[r] = search.args[17].clone()
 rk._launch_pass = watched
-held = []
+held = {}
 # 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows
 # often; held as int16 offsets, or as int32 where SHORT_IDS_MAX is 0
 cases = [(2, 32_768), (1, 0), (64, 32_768)]
@@ -553,7 +553,20 @@ for (share, short), kind in [(c, k) for c in cases for k in ("ties", "bf16", "in
     on = make_params(rows6, device=dev)
     st = row_stats(logits.to(dev), effective_temperature(on))
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
-    cap, first, last = searches[0].args[21], held[rk.COMPACT_PASS], held[-2]
+    cap, first, last = searches[0].args[21], held[rk.COMPACT_PASS], held[len(held) - 2]
+    pref = searches[0].args[11]  # the prefix after each pass, then the second pass's guess
+    out["guessed_right"] += int((pref[-1] == pref[1]).sum())
+    out["guessed_wrong"] += int((pref[-1] != pref[1]).sum())
+    # the passes queued before u (the first, the guessed second) read none: NaN until then
+    block = torch.stack([on.u.double(), on.min_p.double()], dim=1).contiguous()
+    real, block[:, 0] = block[:, 0].clone(), float("nan")
+    lg, t_on = logits.to(dev), effective_temperature(on)
+    idx = torch.arange(6, device=dev)
+    search = rk.radix_begin(lg, idx, t_on, st.lse, st.max_logit, block, 0, 1)
+    block[:, 0] = real
+    token = torch.empty(6, dtype=torch.int64, device=dev)
+    rk.radix_end(search, token, torch.empty(6, 5, dtype=torch.float64, device=dev))
+    out["u_late_same"] += int(torch.equal(token.cpu(), got.token_ids.cpu()))
     out["int16"] += int(searches[0].args[16].dtype == torch.int16)  # the ids held
     out["compacted"] += int((first <= cap).sum())  # read only their ids from the next pass on
     out["whole_slice"] += int((first > cap).sum())
@@ -615,8 +628,9 @@ def test_radix_kernel_equals_torch_search() -> None:
     compacting pass and programs with too many of them (reading their whole
     slice) are both exercised, by varying the share of ids kept, as are
     lists rewritten shorter by later passes, programs that start holding
-    ids after reading their whole slice, and ids held as 16-bit and as
-    32-bit offsets. On an H200
+    ids after reading their whole slice, ids held as 16-bit and as 32-bit
+    offsets, and second passes guessed right and wrong before u (u written
+    only after they were queued). On an H200
     the compiled kernel was also compared with the full sort at vocabulary
     151,936 (benchmarks/probe_radix.py)."""
     path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
@@ -642,6 +656,9 @@ def test_radix_kernel_equals_torch_search() -> None:
     assert out["compacted"] >= 10 and out["whole_slice"] >= 10, out
     assert out["shrunk"] >= 10 and out["joined"] >= 10, out
     assert out["int16"] == 8, out  # 16-bit offsets in two cases of three, 32-bit in one
+    # the second pass ran on a guess before u: right for most rows, re-run for the others
+    assert out["guessed_right"] >= 10 and out["guessed_wrong"] >= 4, out
+    assert out["u_late_same"] == 12, out  # u written after the first two passes were queued
     assert out["pipeline_same"], "the pipeline's kernel mode differs from its torch mode"
 
 

@@ -82,6 +82,11 @@ COMPACT_PASS = 2
 #: slowest after the wide ones (search at batch 256 on an H200: 1,014 ->
 #: 893 µs; batch 64: 334 -> 303 µs)
 COMPACT_SHARE = 2
+#: the second pass runs on a guess before u arrives (the first pass's bucket
+#: holding the most mass), beside the host's entropy work; once u is known it
+#: runs again only for the rows guessed wrong (their programs alone: the
+#: others skip it)
+GUESS_SECOND = True
 #: slices of at most this many ids (at vocab 151,936 on a GPU of 132 SMs,
 #: every batch up to 844 rows) hold them as int16 offsets, else int32: the
 #: half-row list then takes the memory a quarter-row list of int32 took
@@ -168,10 +173,12 @@ def _choose(
     SPLIT_P2: tl.constexpr,
     NB: tl.constexpr,
     u,
+    GUESS: tl.constexpr = False,
 ):
     """After pass ``R``: Z (pass 0's edge 0), U, the chosen bucket (from the
     kept mass at or above each edge of pass R, reduced over the programs in a
-    fixed order), and the range's lower key and the mass above it for pass R + 1."""
+    fixed order), and the range's lower key and the mass above it for pass R + 1.
+    ``GUESS``: the bucket holding the most kept mass instead (no u read)."""
     progs = tl.arange(0, SPLIT_P2)
     bins = tl.arange(0, NB)
     ok = progs[:, None] < SPLIT
@@ -187,7 +194,12 @@ def _choose(
     )
     above = tl.load(above_ptr + R * n + i)
     g = tl.sum(parts, axis=0) + above  # [NB]
-    pick = tl.sum(((g > target) & (bins > 0)).to(tl.int64), axis=0)
+    if GUESS:
+        g_up = tl.sum(tl.where(bins[None, :] == bins[:, None] + 1, g[None, :], 0.0), axis=1)
+        g_up = tl.where(bins == NB - 1, above, g_up)  # the mass at or above the next edge
+        pick = tl.argmax(g - g_up, axis=0).to(tl.int64)
+    else:
+        pick = tl.sum(((g > target) & (bins > 0)).to(tl.int64), axis=0)
     g_next = tl.sum(tl.where(bins == pick + 1, g, 0.0), axis=0)
     above_next = tl.where(pick == NB - 1, above, g_next)
     prefix = tl.load(pref_ptr + R * n + i)
@@ -279,7 +291,11 @@ def _pass_kernel(
     EXACT_EXP: tl.constexpr,
     WIDE: tl.constexpr,
     COMPACT: tl.constexpr,
+    PHASE: tl.constexpr = 0,
 ):
+    """Pass ``R`` of the search; ``PHASE`` 1 runs it on a guess of the bucket
+    chosen after pass R - 1 (the one holding the most mass: no u read), and
+    ``PHASE`` 2 re-runs it, once u is known, only for rows guessed wrong."""
     i = tl.program_id(0)
     c = tl.program_id(1)
     row, t, lse, floor, u = _row_scalars(
@@ -293,12 +309,21 @@ def _pass_kernel(
         above = tl.zeros([], dtype=tl.float64)
     else:
         _t, _u, pick, prev, above = _choose(
-            part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, NB, u
+            part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, NB, u, PHASE == 1
         )
         prefix = prev + (pick << (SHIFT + BITS))
+    redo = c >= 0  # this program writes its results: always, but in phase 2
+    guessed = pref_ptr + ROUNDS * n + i  # the prefix phase 1 guessed (phase 2 never writes it)
+    if PHASE == 2:
+        redo = prefix != tl.load(guessed)
+    # masks from integer comparisons (Triton's interpreter takes no scalar bool)
+    live = tl.where(redo, NB, 0)  # bins stored
+    writer = tl.where(redo, 0, -1)  # the program that stores the row's values
     # every program of the row computed the same values; one writes them
-    tl.store(pref_ptr + R * n + i, prefix, mask=c == 0)
-    tl.store(above_ptr + R * n + i, above, mask=c == 0)
+    tl.store(pref_ptr + R * n + i, prefix, mask=c == writer)
+    tl.store(above_ptr + R * n + i, above, mask=c == writer)
+    if PHASE == 1:
+        tl.store(guessed, prefix, mask=c == 0)
     edges = _key_value(prefix + (bins.to(tl.int64) << SHIFT))  # [NB]
     lo = _key_value(prefix)
     hi = _key_value(prefix + (NB << SHIFT))
@@ -322,11 +347,11 @@ def _pass_kernel(
     HOLD: tl.constexpr = R < ROUNDS - 1
     written = tl.zeros([], dtype=tl.int32)  # ids written by this pass
     above_n = tl.zeros([BLOCK], dtype=tl.int32)  # the compacting pass's kept tokens above
-    scan_end = end  # the slice's end; its start when the ids held are read instead
+    scan_end = tl.where(redo, end, start)  # the slice's end (its start: nothing to read)
     if R > COMPACT:
         held = tl.load(ccnt_ptr + slot)
         compacted = held <= cap
-        scan_end = tl.where(compacted, start, end)
+        scan_end = tl.where(compacted, start, scan_end)
         # the ids of the tokens in the previous pass's range, in id order; this
         # pass rewrites the same list in place with those in its own range
         # (block by block: never past what it has read)
@@ -374,9 +399,9 @@ def _pass_kernel(
                 written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
     base = (R * n + i) * SPLIT + c
     if R < WIDE:
-        tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1))
+        tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1), mask=bins < live)
     else:
-        tl.store(part_ptr + base * NB + bins, mass)
+        tl.store(part_ptr + base * NB + bins, mass, mask=bins < live)
     if R == 0:
         tl.store(kcnt_ptr + slot, tl.sum(kept, axis=0))
     if R == COMPACT:
@@ -633,7 +658,7 @@ def radix_begin(
     nb = 1 << BITS
     part = torch.empty(rounds, n, split, nb, dtype=torch.float64, device=device)
     above = torch.empty(rounds, n, dtype=torch.float64, device=device)
-    pref = torch.empty(rounds, n, dtype=torch.int64, device=device)
+    pref = torch.empty(rounds + 1, n, dtype=torch.int64, device=device)  # + the guessed one
     cnt = torch.empty(n, split, nb, dtype=torch.int32, device=device)
     low = torch.empty(n, split, nb, dtype=torch.int32, device=device)
     acnt = torch.empty(n, split, dtype=torch.int32, device=device)
@@ -658,6 +683,8 @@ def radix_begin(
     }
     search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split))
     _launch_pass(search, 0)
+    if _guesses(search):
+        _launch_pass(search, 1, phase=1)
     return search
 
 
@@ -667,9 +694,24 @@ def _device_index() -> int:
     return index
 
 
-def _launch_pass(search: RadixSearch, r: int) -> None:
-    wide = min(WIDE_PASSES, search.shape["ROUNDS"] - 1)
-    consts = {"R": r, "WIDE": wide, "COMPACT": min(COMPACT_PASS, wide - 1), **search.shape}
+def _wide_passes(search: RadixSearch) -> int:
+    return min(WIDE_PASSES, search.shape["ROUNDS"] - 1)
+
+
+def _compact_pass(search: RadixSearch) -> int:
+    return min(COMPACT_PASS, _wide_passes(search) - 1)
+
+
+def _guesses(search: RadixSearch) -> bool:
+    """Whether the second pass runs on a guess before u (:data:`GUESS_SECOND`):
+    only where it is a wide pass that writes no ids."""
+    return GUESS_SECOND and _compact_pass(search) > 1
+
+
+def _launch_pass(search: RadixSearch, r: int, phase: int = 0) -> None:
+    wide = _wide_passes(search)
+    consts = {"R": r, "WIDE": wide, "COMPACT": _compact_pass(search), "PHASE": phase}
+    consts.update(search.shape)
     _PASS(_device_index(), search.grid, search.args, consts)
 
 
@@ -678,8 +720,9 @@ def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -
     row, the token id into ``token_ids`` and (token, rank, probability,
     candidates, 1 = resolved) into the first five columns of the float64 block
     ``out``. No sync."""
+    guessed = _guesses(search)
     for r in range(1, search.shape["ROUNDS"]):
-        _launch_pass(search, r)
+        _launch_pass(search, r, phase=2 if guessed and r == 1 else 0)
     args = search.args
     final_args = (*args[:-2], token_ids, out, out.stride(0), *args[-2:])
     _FINAL(_device_index(), (search.grid[0],), final_args, search.shape)
