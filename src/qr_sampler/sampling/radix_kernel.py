@@ -42,7 +42,10 @@ its range's fit. The last pass adds the count to its own. One warp per
 program: a block's ids are all read before any is rewritten.
 
 The first pass reads no u: :func:`radix_begin` queues it (the pipeline does
-so before the entropy arrives) and :func:`radix_end` the rest.
+so before the entropy arrives), and the second on a guess of the first's
+choice (its bucket holding the most mass, where U falls for most rows);
+:func:`radix_end` queues the second again, which only the rows guessed wrong
+work through (the others' programs skip it), and the rest.
 
 Imported only where Triton and a GPU exist (and by the tests, through Triton's
 CPU interpreter).
