@@ -526,10 +526,11 @@ from test_select_fast import _logits, _untruncated_rows, KINDS
 from qr_sampler.sampling.select import effective_temperature, row_stats, select_radix
 from qr_sampler.sampling import radix_kernel as rk
 from qr_sampler.sampling.radix_kernel import select_radix_kernel
+KINDS4 = ("ties", "bf16", "inf", "peaked")
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
 out = {"rows": 0, "same": 0, "tied_past_first": 0, "compacted": 0, "whole_slice": 0}
-out.update(joined=0, shrunk=0, int16=0, guessed_right=0, guessed_wrong=0, u_late_same=0)
+out.update(joined=0, shrunk=0, int16=0, guessed=0, guessed_right=0, guessed_wrong=0, u_late_same=0)
 launch = rk._launch_pass
 def watched(search, r, phase=0):  # how many ids each program holds after each pass
     launch(search, r, phase=phase)
@@ -540,10 +541,11 @@ def watched(search, r, phase=0):  # how many ids each program holds after each p
 rk._launch_pass = watched
 held = {}
 # 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows
-# often; held as int16 offsets, or as int32 where SHORT_IDS_MAX is 0
-cases = [(2, 32_768), (1, 0), (64, 32_768)]
-for (share, short), kind in [(c, k) for c in cases for k in ("ties", "bf16", "inf", "peaked")]:
-    rk.COMPACT_SHARE, rk.SHORT_IDS_MAX = share, short
+# often; held as int16 offsets, or as int32 where SHORT_IDS_MAX is 0; the second
+# pass guessed before u in two cases of three (eagerly, from GUESS_MIN_ROWS rows on)
+cases = [(2, 32_768, 0), (1, 0, 10**9), (64, 32_768, 0)]
+for (share, short, guess_min), kind in [(c, k) for c in cases for k in KINDS4]:
+    rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, rk.GUESS_MIN_ROWS = share, short, guess_min
     searches = []
     logits = torch.from_numpy(_logits(rng, kind, 6, 700))
     rows6 = _untruncated_rows(rng, 6)
@@ -555,8 +557,10 @@ for (share, short), kind in [(c, k) for c in cases for k in ("ties", "bf16", "in
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
     cap, first, last = searches[0].args[21], held[rk.COMPACT_PASS], held[len(held) - 2]
     pref = searches[0].args[11]  # the prefix after each pass, then the second pass's guess
-    out["guessed_right"] += int((pref[-1] == pref[1]).sum())
-    out["guessed_wrong"] += int((pref[-1] != pref[1]).sum())
+    out["guessed"] += int(searches[0].guessed)
+    if searches[0].guessed:
+        out["guessed_right"] += int((pref[-1] == pref[1]).sum())
+        out["guessed_wrong"] += int((pref[-1] != pref[1]).sum())
     # the passes queued before u (the first, the guessed second) read none: NaN until then
     block = torch.stack([on.u.double(), on.min_p.double()], dim=1).contiguous()
     real, block[:, 0] = block[:, 0].clone(), float("nan")
@@ -657,6 +661,7 @@ def test_radix_kernel_equals_torch_search() -> None:
     assert out["shrunk"] >= 10 and out["joined"] >= 10, out
     assert out["int16"] == 8, out  # 16-bit offsets in two cases of three, 32-bit in one
     # the second pass ran on a guess before u: right for most rows, re-run for the others
+    assert out["guessed"] == 8, out  # in 8 of the 12 searches checked
     assert out["guessed_right"] >= 10 and out["guessed_wrong"] >= 4, out
     assert out["u_late_same"] == 12, out  # u written after the first two passes were queued
     assert out["pipeline_same"], "the pipeline's kernel mode differs from its torch mode"

@@ -90,6 +90,8 @@ COMPACT_SHARE = 2
 #: runs again only for the rows guessed wrong (their programs alone: the
 #: others skip it)
 GUESS_SECOND = True
+#: ... in a CUDA graph, or eagerly from this many rows on
+GUESS_MIN_ROWS = 128
 #: slices of at most this many ids (at vocab 151,936 on a GPU of 132 SMs,
 #: every batch up to 844 rows) hold them as int16 offsets, else int32: the
 #: half-row list then takes the memory a quarter-row list of int32 took
@@ -632,6 +634,7 @@ class RadixSearch:
         self.args = args  # every pass's arguments (the logits and the scratch among them)
         self.shape = shape  # the kernels' compile-time constants
         self.grid = grid  # (rows, programs per row)
+        self.guessed = False  # whether the second pass was queued on a guess
 
 
 def radix_begin(
@@ -686,8 +689,9 @@ def radix_begin(
     }
     search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split))
     _launch_pass(search, 0)
-    if _guesses(search):
+    if _guesses(search, logits):
         _launch_pass(search, 1, phase=1)
+        search.guessed = True
     return search
 
 
@@ -698,17 +702,24 @@ def _device_index() -> int:
 
 
 def _wide_passes(search: RadixSearch) -> int:
-    return min(WIDE_PASSES, search.shape["ROUNDS"] - 1)
+    rounds: int = search.shape["ROUNDS"]
+    return min(WIDE_PASSES, rounds - 1)
 
 
 def _compact_pass(search: RadixSearch) -> int:
     return min(COMPACT_PASS, _wide_passes(search) - 1)
 
 
-def _guesses(search: RadixSearch) -> bool:
+def _guesses(search: RadixSearch, logits: torch.Tensor) -> bool:
     """Whether the second pass runs on a guess before u (:data:`GUESS_SECOND`):
-    only where it is a wide pass that writes no ids."""
-    return GUESS_SECOND and _compact_pass(search) > 1
+    only where it is a wide pass that writes no ids, and where its launch is
+    cheap next to the work it moves (a CUDA graph's capture, or a batch of
+    :data:`GUESS_MIN_ROWS` or more: smaller eager searches are bound by their
+    launches' host time)."""
+    if not GUESS_SECOND or _compact_pass(search) <= 1:
+        return False
+    capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+    return capturing or search.grid[0] >= GUESS_MIN_ROWS
 
 
 def _launch_pass(search: RadixSearch, r: int, phase: int = 0) -> None:
@@ -723,9 +734,8 @@ def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -
     row, the token id into ``token_ids`` and (token, rank, probability,
     candidates, 1 = resolved) into the first five columns of the float64 block
     ``out``. No sync."""
-    guessed = _guesses(search)
     for r in range(1, search.shape["ROUNDS"]):
-        _launch_pass(search, r, phase=2 if guessed and r == 1 else 0)
+        _launch_pass(search, r, phase=2 if search.guessed and r == 1 else 0)
     args = search.args
     final_args = (*args[:-2], token_ids, out, out.stride(0), *args[-2:])
     _FINAL(_device_index(), (search.grid[0],), final_args, search.shape)
