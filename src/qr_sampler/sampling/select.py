@@ -705,11 +705,7 @@ def _tail_histogram(
     bucket = spread.nan_to_num_(nan=top, posinf=top).clamp_(0, top).long()
     mass = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.float64, device=dev)
     mass.scatter_add_(1, bucket, p)
-    count = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.int64, device=dev)
-    one = torch.ones(1, 1, dtype=torch.int64, device=dev)
-    count.scatter_add_(1, bucket, one.expand(rows, vocab))
     cum_mass = mass.cumsum(dim=1)
-    cum_count = count.cumsum(dim=1)
     crossing = (cum_mass <= u.unsqueeze(1)).sum(dim=1)
     # u at or past the total mass (rounding): the last bucket that holds mass
     last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=dev), 0).amax(dim=1)
@@ -736,7 +732,9 @@ def _tail_histogram(
     # probability (they come last: rounding can leave u beyond them)
     positive = ((ps > 0) & inside).sum(dim=1)
     j = torch.minimum(j, torch.minimum(n, positive).sub(1).clamp(min=0)).unsqueeze(1)
-    above = torch.where(crossing > 0, cum_count.gather(1, below).squeeze(1), 0)
+    # the tokens in the buckets before the chosen one (one comparison pass:
+    # cheaper than counting every bucket)
+    above = (bucket < crossing.unsqueeze(1)).sum(dim=1)
     return Selection(
         token_ids=bucket_ids.gather(1, j).squeeze(1),
         rank=above + j.squeeze(1),
