@@ -341,7 +341,7 @@ def _pass_kernel(
     mass = tl.zeros([NB, BLOCK], dtype=tl.float64) if R < WIDE else tl.zeros([NB], dtype=tl.float64)
     count = tl.zeros([NB], dtype=tl.int32)
     low = tl.full([NB], _NO_ID, dtype=tl.int32)
-    over = tl.zeros([BLOCK], dtype=tl.int32)
+    over = tl.zeros([BLOCK], dtype=tl.int32)  # kept tokens above the range (passes from COMPACT)
     kept = tl.zeros([BLOCK], dtype=tl.int32)
     slot = i * SPLIT + c
     LAST: tl.constexpr = R == ROUNDS - 1
@@ -351,7 +351,7 @@ def _pass_kernel(
     # the compacting pass) hold ids unless last
     HOLD: tl.constexpr = R < ROUNDS - 1
     written = tl.zeros([], dtype=tl.int32)  # ids written by this pass
-    above_n = tl.zeros([BLOCK], dtype=tl.int32)  # the compacting pass's kept tokens above
+    ids = cid_ptr + slot * cap  # this program's list
     scan_end = tl.where(redo, end, start)  # the slice's end (its start: nothing to read)
     if R > COMPACT:
         held = tl.load(ccnt_ptr + slot)
@@ -363,7 +363,7 @@ def _pass_kernel(
         for s in range(0, tl.where(compacted, held, 0), BLOCK):
             k = s + lanes
             inside = k < held
-            offs = start + tl.load(cid_ptr + slot * cap + k, mask=inside, other=0).to(tl.int32)
+            offs = start + tl.load(ids + k, mask=inside, other=0).to(tl.int32)
             raw = tl.load(row_ptr + offs, mask=inside, other=float("-inf"))
             x = _scaled(raw, inside, t)
             cand = inside & (x >= lo) & (x < hi)
@@ -372,7 +372,7 @@ def _pass_kernel(
                 LAST, EXACT_EXP,
             )  # fmt: skip
             if HOLD:
-                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
+                written = _hold_ids(ids, cap, cand, offs, start, written)
     raw = tl.load(row_ptr + start + lanes, mask=start + lanes < scan_end, other=float("-inf"))
     for s in range(start, scan_end, BLOCK):
         offs = s + lanes
@@ -387,8 +387,8 @@ def _pass_kernel(
                 # p for the range and above it: the kept tokens above are counted
                 p, kept_lo = _kept(x, inside & (x >= lo), lse, floor, EXACT_EXP)
                 keep = kept_lo & (x < hi)
-                above_n += (kept_lo & (x >= hi)).to(tl.int32)
-                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
+                over += (kept_lo & (x >= hi)).to(tl.int32)
+                written = _hold_ids(ids, cap, cand, offs, start, written)
             else:
                 p, keep = _kept(x, cand, lse, floor, EXACT_EXP)
             w = tl.where(keep, p, 0.0)
@@ -401,7 +401,7 @@ def _pass_kernel(
                 LAST, EXACT_EXP,
             )  # fmt: skip
             if HOLD:
-                written = _hold_ids(cid_ptr + slot * cap, cap, cand, offs, start, written)
+                written = _hold_ids(ids, cap, cand, offs, start, written)
     base = (R * n + i) * SPLIT + c
     if R < WIDE:
         tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1), mask=bins < live)
@@ -411,7 +411,7 @@ def _pass_kernel(
         tl.store(kcnt_ptr + slot, tl.sum(kept, axis=0))
     if R == COMPACT:
         tl.store(ccnt_ptr + slot, written)
-        tl.store(cover_ptr + slot, tl.sum(above_n, axis=0))
+        tl.store(cover_ptr + slot, tl.sum(over, axis=0))
     if R > COMPACT:  # noqa: SIM102 (nested: both conditions static in every Triton)
         if HOLD:
             # a program that read its whole slice holds ids from here on if they fit
