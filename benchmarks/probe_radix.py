@@ -35,18 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,64,256")
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--bits", type=int, default=radix_kernel.BITS, help="key bits per pass")
+    ap.add_argument(
+        "--schedule",
+        default=",".join(map(str, radix_kernel.SCHEDULE)),
+        help="key bits decided by each pass, comma-separated (32 in all)",
+    )
     ap.add_argument("--block", type=int, default=radix_kernel.BLOCK, help="ids per iteration")
     ap.add_argument("--warps", type=int, default=radix_kernel.WARPS, help="warps per program")
     ap.add_argument(
         "--per-sm", type=int, default=radix_kernel.PROGRAMS_PER_SM, help="programs per SM"
     )
     args = ap.parse_args(argv)
-    radix_kernel.BITS, radix_kernel.BLOCK = args.bits, args.block
+    radix_kernel.SCHEDULE = tuple(int(b) for b in args.schedule.split(","))
+    radix_kernel.BLOCK = args.block
     radix_kernel.WARPS, radix_kernel.PROGRAMS_PER_SM = args.warps, args.per_sm
     dev = torch.device(args.device)
     print(
-        f"machine: {machine()}; logits {args.dtype}; bits {args.bits}, block {args.block}, "
+        f"machine: {machine()}; logits {args.dtype}; schedule {args.schedule}, block {args.block}, "
         f"warps {args.warps}, programs per SM {args.per_sm}"
     )
     gen = torch.Generator(device="cpu").manual_seed(0)

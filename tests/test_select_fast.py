@@ -542,10 +542,17 @@ rk._launch_pass = watched
 held = {}
 # 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows
 # often; held as int16 offsets, or as int32 where SHORT_IDS_MAX is 0; the second
-# pass guessed before u in two cases of three (eagerly, from GUESS_MIN_ROWS rows on)
-cases = [(2, 32_768, 0), (1, 0, 10**9), (64, 32_768, 0)]
-for (share, short, guess_min), kind in [(c, k) for c in cases for k in KINDS4]:
+# pass guessed before u in two cases of three (eagerly, from GUESS_MIN_ROWS rows on);
+# passes of 4 bits each, or of 2 and 3 bits up to the compacting pass
+cases = [
+    (2, 32_768, 0, (4,) * 8),
+    (1, 0, 10**9, (3, 3, 2, 2, 2, 4, 4, 4, 4, 4)),
+    (64, 32_768, 0, (2,) * 6 + (4,) * 5),
+]
+default_schedule = rk.SCHEDULE
+for (share, short, guess_min, schedule), kind in [(c, k) for c in cases for k in KINDS4]:
     rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, rk.GUESS_MIN_ROWS = share, short, guess_min
+    rk.SCHEDULE = schedule
     searches = []
     logits = torch.from_numpy(_logits(rng, kind, 6, 700))
     rows6 = _untruncated_rows(rng, 6)
@@ -555,7 +562,8 @@ for (share, short, guess_min), kind in [(c, k) for c in cases for k in KINDS4]:
     on = make_params(rows6, device=dev)
     st = row_stats(logits.to(dev), effective_temperature(on))
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
-    cap, first, last = searches[0].args[21], held[rk.COMPACT_PASS], held[len(held) - 2]
+    compacting = rk._compact_pass(searches[0])
+    cap, first, last = searches[0].args[21], held[compacting], held[len(held) - 2]
     pref = searches[0].args[11]  # the prefix after each pass, then the second pass's guess
     out["guessed"] += int(searches[0].guessed)
     if searches[0].guessed:
@@ -593,7 +601,7 @@ from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
-rk.COMPACT_SHARE, rk.SHORT_IDS_MAX = 2, 32_768
+rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, rk.SCHEDULE = 2, 32_768, default_schedule
 settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
 table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.0)]
 rows = [RowState.of(SamplingConfig(top_k=k, top_p=p, min_p=m)) for k, p, m in table] * 3
@@ -633,8 +641,8 @@ def test_radix_kernel_equals_torch_search() -> None:
     slice) are both exercised, by varying the share of ids kept, as are
     lists rewritten shorter by later passes, programs that start holding
     ids after reading their whole slice, ids held as 16-bit and as 32-bit
-    offsets, and second passes guessed right and wrong before u (u written
-    only after they were queued). On an H200
+    offsets, second passes guessed right and wrong before u (u written
+    only after they were queued), and three schedules of key bits per pass. On an H200
     the compiled kernel was also compared with the full sort at vocabulary
     151,936 (benchmarks/probe_radix.py)."""
     path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]

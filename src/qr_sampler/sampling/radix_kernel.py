@@ -6,7 +6,8 @@ Same algorithm, same float operations (x = logits / T with correctly rounded
 division, p = exp(x - lse) in float32 -- libdevice's ``expf`` on CUDA, as
 torch's -- kept mass summed in float64), so the same answers:
 
-* a pass splits the current key range [lo, hi) into 2**BITS buckets; each
+* a pass splits the current key range [lo, hi) into 2**BITS buckets (BITS
+  from :data:`SCHEDULE`, pass by pass); each
   program sums, over its slice of the row, the kept mass at or above each
   bucket edge of the tokens *inside* the range, into its own partial row
   (float64, no atomics: the reduction over programs is in a fixed order, so
@@ -29,13 +30,14 @@ torch's -- kept mass summed in float64), so the same answers:
   logits (lse not finite) is left untouched: unresolved (result column 4 = 0)
   unless the chunked head answered it, else the exact fallback does.
 
-Compaction: the third pass (:data:`COMPACT_PASS`) also writes the ids of its
+Compaction: the first pass with 8 bits decided before it (:data:`COMPACT_BITS`;
+the passes up to it read every token) also writes the ids of its
 range's tokens, per program and in id order (at most 1 / COMPACT_SHARE of
 the slice; a program with more keeps reading its whole slice), and counts the
 kept tokens above its range; the next pass reads only those tokens (it
 gathers their logits by id: storing x as well measured no faster). Every
 later pass but the last does the same over what it read: it rewrites the
-list in place with the tokens of its own (sixteen times narrower) range and
+list in place with the tokens of its own (2**BITS times narrower) range and
 adds its kept tokens above that range to the count, so the lists shrink pass
 by pass; a program that read its whole slice starts holding ids as soon as
 its range's fit. The last pass adds the count to its own. One warp per
@@ -63,8 +65,17 @@ from triton.runtime.driver import driver as _driver
 
 from qr_sampler.sampling.select import Selection, SelectionParams, effective_temperature
 
-#: bits of the key decided per pass (32 must be a multiple)
-BITS = 4
+#: bits of the key decided by each pass, in order (32 in all, 1 to 4 a pass).
+#: A pass that reads every token costs about as much for its exponentials as
+#: for its edge sums, so the passes up to and including the compacting one
+#: take 2-3 bits and the later passes, over their lists, take 4 (search at
+#: batch 256 / 64 on an H200, graph-captured, randn*3 logits: 949 / 316 µs
+#: with 4 bits a pass, 797 / 275 µs with this schedule; 2 bits up to the
+#: compacting pass 855 / 293, 3,3,2 then 4-bit passes 924 / 305)
+SCHEDULE: tuple[int, ...] = (3, 3, 2, 2, 2, 4, 4, 4, 4, 4)
+#: the compacting pass: the first with this many bits decided before it (the
+#: passes up to it read every token: the wide ones)
+COMPACT_BITS = 8
 #: token ids per loop iteration of a pass
 BLOCK = 128
 #: warps per program (one: a block's reductions stay inside the warp)
@@ -73,11 +84,6 @@ WARPS = 1
 PROGRAMS_PER_SM = 32
 #: at most this many programs per row
 MAX_SPLIT = 64
-#: passes that keep per-lane partial sums (the rest reduce each block at once)
-WIDE_PASSES = 3
-#: the pass that writes the ids of its range's tokens (per program, in id
-#: order) for the later passes, which then read only those
-COMPACT_PASS = 2
 #: a program keeps at most 1 / COMPACT_SHARE of its slice's ids; a program with
 #: more in range reads its whole slice in the later passes. A half, not a
 #: quarter: on randn·3 logits, rows whose 8-bit range is [2, 8) hold ~25 % of
@@ -177,25 +183,27 @@ def _choose(
     SPLIT: tl.constexpr,
     SPLIT_P2: tl.constexpr,
     NB: tl.constexpr,
+    NBS: tl.constexpr,
     u,
     GUESS: tl.constexpr = False,
 ):
     """After pass ``R``: Z (pass 0's edge 0), U, the chosen bucket (from the
     kept mass at or above each edge of pass R, reduced over the programs in a
     fixed order), and the range's lower key and the mass above it for pass R + 1.
+    ``NB``: pass R's buckets, ``NBS``: the partials' row stride.
     ``GUESS``: the bucket holding the most kept mass instead (no u read)."""
     progs = tl.arange(0, SPLIT_P2)
     bins = tl.arange(0, NB)
     ok = progs[:, None] < SPLIT
     first = tl.load(
-        part_ptr + ((0 * n + i) * SPLIT + progs[:, None]) * NB + bins[None, :],
+        part_ptr + ((0 * n + i) * SPLIT + progs[:, None]) * NBS + bins[None, :],
         mask=ok & (bins[None, :] == 0),
         other=0.0,
     )
     total = tl.sum(tl.sum(first, axis=1), axis=0)
     target = u * total
     parts = tl.load(
-        part_ptr + ((R * n + i) * SPLIT + progs[:, None]) * NB + bins[None, :], mask=ok, other=0.0
+        part_ptr + ((R * n + i) * SPLIT + progs[:, None]) * NBS + bins[None, :], mask=ok, other=0.0
     )
     above = tl.load(above_ptr + R * n + i)
     g = tl.sum(parts, axis=0) + above  # [NB]
@@ -297,8 +305,12 @@ def _pass_kernel(
     WIDE: tl.constexpr,
     COMPACT: tl.constexpr,
     PHASE: tl.constexpr = 0,
+    SHIFT: tl.constexpr = 28,
+    PBITS: tl.constexpr = 4,
+    NBS: tl.constexpr = 16,
 ):
-    """Pass ``R`` of the search; ``PHASE`` 1 runs it on a guess of the bucket
+    """Pass ``R`` of the search, over ``BITS`` bits of the key below ``SHIFT``
+    (``PBITS``: the pass before's bits); ``PHASE`` 1 runs it on a guess of the bucket
     chosen after pass R - 1 (the one holding the most mass: no u read), and
     ``PHASE`` 2 re-runs it, once u is known, only for rows guessed wrong."""
     i = tl.program_id(0)
@@ -307,14 +319,14 @@ def _pass_kernel(
         rows_ptr, i, t_ptr, lse_ptr, max_ptr, params_ptr, params_stride, U_COL, MINP_COL, EXACT_EXP
     )
     NB: tl.constexpr = 1 << BITS
-    SHIFT: tl.constexpr = 32 - BITS * (R + 1)
+    PNB: tl.constexpr = 1 << PBITS
     bins = tl.arange(0, NB)
     if R == 0:
         prefix = tl.zeros([], dtype=tl.int64)
         above = tl.zeros([], dtype=tl.float64)
     else:
         _t, _u, pick, prev, above = _choose(
-            part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, NB, u, PHASE == 1
+            part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, PNB, NBS, u, PHASE == 1
         )
         prefix = prev + (pick << (SHIFT + BITS))
     redo = c >= 0  # this program writes its results: always, but in phase 2
@@ -404,9 +416,9 @@ def _pass_kernel(
                 written = _hold_ids(ids, cap, cand, offs, start, written)
     base = (R * n + i) * SPLIT + c
     if R < WIDE:
-        tl.store(part_ptr + base * NB + bins, tl.sum(mass, axis=1), mask=bins < live)
+        tl.store(part_ptr + base * NBS + bins, tl.sum(mass, axis=1), mask=bins < live)
     else:
-        tl.store(part_ptr + base * NB + bins, mass, mask=bins < live)
+        tl.store(part_ptr + base * NBS + bins, mass, mask=bins < live)
     if R == 0:
         tl.store(kcnt_ptr + slot, tl.sum(kept, axis=0))
     if R == COMPACT:
@@ -463,7 +475,9 @@ def _final_kernel(
     SPLIT: tl.constexpr,
     SPLIT_P2: tl.constexpr,
     EXACT_EXP: tl.constexpr,
+    NBS: tl.constexpr = 16,
 ):
+    """One program per row, after the last pass (``BITS``: its bits)."""
     i = tl.program_id(0)
     row, t, lse, floor, u = _row_scalars(
         rows_ptr, i, t_ptr, lse_ptr, max_ptr, params_ptr, params_stride, U_COL, MINP_COL, EXACT_EXP
@@ -474,7 +488,7 @@ def _final_kernel(
     finite = (lse == lse) & (lse != float("inf")) & (lse != float("-inf"))
     if finite:
         total, target, pick, prefix, over_mass = _choose(
-            part_ptr, above_ptr, pref_ptr, i, n, ROUNDS - 1, SPLIT, SPLIT_P2, NB, u
+            part_ptr, above_ptr, pref_ptr, i, n, ROUNDS - 1, SPLIT, SPLIT_P2, NB, NBS, u
         )
         star = prefix + pick  # the last pass's buckets are single keys
         x_star = _key_value(star)
@@ -630,10 +644,17 @@ class RadixSearch:
     arguments and the scratch the later passes read. The first pass needs no u,
     so the pipeline queues it before the entropy arrives."""
 
-    def __init__(self, args: tuple[Any, ...], shape: dict[str, Any], grid: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        args: tuple[Any, ...],
+        shape: dict[str, Any],
+        grid: tuple[int, int],
+        schedule: tuple[int, ...],
+    ) -> None:
         self.args = args  # every pass's arguments (the logits and the scratch among them)
-        self.shape = shape  # the kernels' compile-time constants
+        self.shape = shape  # the kernels' compile-time constants common to every launch
         self.grid = grid  # (rows, programs per row)
+        self.schedule = schedule  # bits of the key decided by each pass
         self.guessed = False  # whether the second pass was queued on a guess
 
 
@@ -660,9 +681,11 @@ def radix_begin(
     vocab = logits.shape[1]
     device = logits.device
     split, chunk = _split(n, vocab, device)
-    rounds = 32 // BITS
-    nb = 1 << BITS
-    part = torch.empty(rounds, n, split, nb, dtype=torch.float64, device=device)
+    schedule = _schedule()
+    rounds = len(schedule)
+    nbs = 1 << max(schedule)
+    nb = 1 << schedule[-1]  # the last pass's buckets (single keys)
+    part = torch.empty(rounds, n, split, nbs, dtype=torch.float64, device=device)
     above = torch.empty(rounds, n, dtype=torch.float64, device=device)
     pref = torch.empty(rounds + 1, n, dtype=torch.int64, device=device)  # + the guessed one
     cnt = torch.empty(n, split, nb, dtype=torch.int32, device=device)
@@ -680,14 +703,14 @@ def radix_begin(
     scratch = (part, above, pref, cnt, low, acnt, kcnt, cid, ccnt, cover, n, chunk, cap)
     shape = {
         "ROUNDS": rounds,
-        "BITS": BITS,
         "BLOCK": BLOCK,
         "SPLIT": split,
         "SPLIT_P2": triton.next_power_of_2(split),
         "EXACT_EXP": not _INTERPRETED,
+        "NBS": nbs,
         "num_warps": WARPS,
     }
-    search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split))
+    search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split), schedule)
     _launch_pass(search, 0)
     if _guesses(search, logits):
         _launch_pass(search, 1, phase=1)
@@ -701,13 +724,30 @@ def _device_index() -> int:
     return index
 
 
-def _wide_passes(search: RadixSearch) -> int:
-    rounds: int = search.shape["ROUNDS"]
-    return min(WIDE_PASSES, rounds - 1)
+def _schedule() -> tuple[int, ...]:
+    """:data:`SCHEDULE`, checked."""
+    schedule = tuple(SCHEDULE)
+    if sum(schedule) != 32 or not all(1 <= b <= 4 for b in schedule) or len(schedule) < 3:
+        raise ValueError(
+            f"SCHEDULE: 3 or more passes of 1 to 4 bits, 32 bits in all; got {schedule}"
+        )
+    return schedule
 
 
 def _compact_pass(search: RadixSearch) -> int:
-    return min(COMPACT_PASS, _wide_passes(search) - 1)
+    """The pass that writes its range's ids: the first with :data:`COMPACT_BITS`
+    decided before it, and never the last (nor the one before it)."""
+    decided = 0
+    for r, bits in enumerate(search.schedule):
+        if decided >= COMPACT_BITS:
+            return min(r, len(search.schedule) - 2)
+        decided += bits
+    return len(search.schedule) - 2
+
+
+def _wide_passes(search: RadixSearch) -> int:
+    """Passes that read every token and keep per-lane sums: up to the compacting one."""
+    return _compact_pass(search) + 1
 
 
 def _guesses(search: RadixSearch, logits: torch.Tensor) -> bool:
@@ -723,8 +763,16 @@ def _guesses(search: RadixSearch, logits: torch.Tensor) -> bool:
 
 
 def _launch_pass(search: RadixSearch, r: int, phase: int = 0) -> None:
-    wide = _wide_passes(search)
-    consts = {"R": r, "WIDE": wide, "COMPACT": _compact_pass(search), "PHASE": phase}
+    schedule = search.schedule
+    consts = {
+        "R": r,
+        "WIDE": _wide_passes(search),
+        "COMPACT": _compact_pass(search),
+        "PHASE": phase,
+        "BITS": schedule[r],
+        "SHIFT": 32 - sum(schedule[: r + 1]),
+        "PBITS": schedule[r - 1] if r else schedule[0],
+    }
     consts.update(search.shape)
     _PASS(_device_index(), search.grid, search.args, consts)
 
@@ -738,7 +786,8 @@ def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -
         _launch_pass(search, r, phase=2 if search.guessed and r == 1 else 0)
     args = search.args
     final_args = (*args[:-2], token_ids, out, out.stride(0), *args[-2:])
-    _FINAL(_device_index(), (search.grid[0],), final_args, search.shape)
+    consts = {"BITS": search.schedule[-1], **search.shape}
+    _FINAL(_device_index(), (search.grid[0],), final_args, consts)
 
 
 def select_radix_kernel(
@@ -747,7 +796,8 @@ def select_radix_kernel(
     lse: torch.Tensor,
     max_logit: torch.Tensor,
 ) -> Selection:
-    """:func:`~qr_sampler.sampling.select.select_radix` in 32 / BITS + 1 launches."""
+    """:func:`~qr_sampler.sampling.select.select_radix` in one launch per pass of
+    :data:`SCHEDULE`, and one more."""
     rows = logits.shape[0]
     device = logits.device
     block = torch.stack([params.u.double(), params.min_p.double()], dim=1).contiguous()
