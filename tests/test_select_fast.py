@@ -531,6 +531,7 @@ dev = "cuda" if torch.cuda.is_available() else "cpu"
 rng = np.random.default_rng(9)
 out = {"rows": 0, "same": 0, "tied_past_first": 0, "compacted": 0, "whole_slice": 0}
 out.update(joined=0, shrunk=0, int16=0, guessed=0, guessed_right=0, guessed_wrong=0, u_late_same=0)
+out["passes"] = []
 launch = rk._launch_pass
 def watched(search, r, phase=0):  # how many ids each program holds after each pass
     launch(search, r, phase=phase)
@@ -566,6 +567,7 @@ for (share, short, guess_min, schedule), kind in [(c, k) for c in cases for k in
     cap, first, last = searches[0].args[21], held[compacting], held[len(held) - 2]
     pref = searches[0].args[11]  # the prefix after each pass, then the second pass's guess
     out["guessed"] += int(searches[0].guessed)
+    out["passes"].append(len(held))  # passes launched
     if searches[0].guessed:
         out["guessed_right"] += int((pref[-1] == pref[1]).sum())
         out["guessed_wrong"] += int((pref[-1] != pref[1]).sum())
@@ -672,6 +674,7 @@ def test_radix_kernel_equals_torch_search() -> None:
     assert out["guessed"] == 8, out  # in 8 of the 12 searches checked
     assert out["guessed_right"] >= 10 and out["guessed_wrong"] >= 4, out
     assert out["u_late_same"] == 12, out  # u written after the first two passes were queued
+    assert sorted(set(out["passes"])) == [8, 10, 11], out  # one per schedule's pass
     assert out["pipeline_same"], "the pipeline's kernel mode differs from its torch mode"
 
 
