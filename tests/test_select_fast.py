@@ -224,6 +224,14 @@ def test_tail_histogram_equals_full_sort(kind: str, given_stats: bool) -> None:
     with_nan[3, 17], with_inf[3, 17] = np.nan, -np.inf
     a, b = tail_of(with_nan), tail_of(with_inf)
     assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.rank, b.rank)
+    # a row with a +inf logit and a row of -inf only (their rows' answers are
+    # the exact fallback's business) leave the other rows' answers as they were
+    odd = logits.copy()
+    odd[5, 9], odd[6, :] = np.inf, -np.inf
+    c = tail_of(odd)
+    others = torch.tensor([i for i in range(len(rows)) if i not in (5, 6)])
+    assert torch.equal(c.token_ids[others], tail.token_ids[others])
+    assert torch.equal(c.rank[others], tail.rank[others])
 
 
 def _spy_rows(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:

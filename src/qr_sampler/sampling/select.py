@@ -698,11 +698,15 @@ def _tail_histogram(
         num_finite = torch.full((rows,), vocab, dtype=torch.int64, device=dev)
     else:
         num_finite = torch.isfinite(x).sum(dim=-1)
+    # x holds no NaN (see above): a spread m - x is NaN only where m is infinite
+    finite_max = bool(torch.isfinite(m).all())
     u = params.u.double()
-    p = torch.exp(x - lse.unsqueeze(1)).double()
+    p = torch.sub(x, lse.unsqueeze(1)).exp_().double()
     top = TAIL_BUCKETS - 1
     spread = torch.sub(m, x).mul_(TAIL_BUCKETS_PER_NAT)
-    bucket = spread.nan_to_num_(nan=top, posinf=top).clamp_(0, top).long()
+    if not finite_max:
+        spread = spread.nan_to_num_(nan=top, posinf=top)
+    bucket = spread.clamp_(0, top).long()
     mass = torch.zeros(rows, TAIL_BUCKETS, dtype=torch.float64, device=dev)
     mass.scatter_add_(1, bucket, p)
     cum_mass = mass.cumsum(dim=1)
@@ -734,7 +738,11 @@ def _tail_histogram(
     j = torch.minimum(j, torch.minimum(n, positive).sub(1).clamp(min=0)).unsqueeze(1)
     # the tokens in the buckets before the chosen one (one comparison pass:
     # cheaper than counting every bucket)
-    above = (bucket < crossing.unsqueeze(1)).sum(dim=1)
+    before_crossing = bucket < crossing.unsqueeze(1)
+    if dev.type == "cpu":  # numpy counts a bool array ~2.5x faster than torch's sum
+        above = torch.from_numpy(np.count_nonzero(before_crossing.numpy(), axis=1).astype(np.int64))
+    else:
+        above = before_crossing.sum(dim=1)
     return Selection(
         token_ids=bucket_ids.gather(1, j).squeeze(1),
         rank=above + j.squeeze(1),
