@@ -551,17 +551,22 @@ rk._launch_pass = watched
 held = {}
 # 1 / COMPACT_SHARE of a slice's ids are kept: 1 keeps them all, 64 overflows
 # often; held as int16 offsets, or as int32 where SHORT_IDS_MAX is 0; the second
-# pass guessed before u in two cases of three (eagerly, from GUESS_MIN_ROWS rows on);
-# passes of 4 bits each, or of 2 and 3 bits up to the compacting pass
+# pass guessed before u in two cases of three (eagerly, from HOST_BOUND_ROWS rows on;
+# below that FEW_PASSES is the schedule); passes of 4 bits each, or of 2 and 3
+# bits up to the compacting pass
 cases = [
     (2, 32_768, 0, (4,) * 8),
     (1, 0, 10**9, (3, 3, 2, 2, 2, 4, 4, 4, 4, 4)),
     (64, 32_768, 0, (2,) * 6 + (4,) * 5),
 ]
-default_schedule = rk.SCHEDULE
-for (share, short, guess_min, schedule), kind in [(c, k) for c in cases for k in KINDS4]:
-    rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, rk.GUESS_MIN_ROWS = share, short, guess_min
-    rk.SCHEDULE = schedule
+defaults = rk.SCHEDULE, rk.FEW_PASSES
+for (share, short, min_rows, schedule), kind in [(c, k) for c in cases for k in KINDS4]:
+    rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, rk.HOST_BOUND_ROWS = share, short, min_rows
+    # the schedule expected, and the other one eight passes of 4 bits
+    if min_rows:
+        rk.SCHEDULE, rk.FEW_PASSES = (4,) * 8, schedule
+    else:
+        rk.SCHEDULE, rk.FEW_PASSES = schedule, (4,) * 8
     searches = []
     logits = torch.from_numpy(_logits(rng, kind, 6, 700))
     rows6 = _untruncated_rows(rng, 6)
@@ -611,7 +616,7 @@ from qr_sampler.config import SamplingConfig, load_settings
 from qr_sampler.entropy.mock import MockUniformSource
 from qr_sampler.pipeline import RowState, SamplingPipeline
 from qr_sampler.records import RecordSink
-rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, rk.SCHEDULE = 2, 32_768, default_schedule
+rk.COMPACT_SHARE, rk.SHORT_IDS_MAX, (rk.SCHEDULE, rk.FEW_PASSES) = 2, 32_768, defaults
 settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
 table = [(0, 1.0, 0.0), (50, 0.9, 0.0), (0, 1.0, 0.1), (0, 1.0, 0.0)]
 rows = [RowState.of(SamplingConfig(top_k=k, top_p=p, min_p=m)) for k, p, m in table] * 3

@@ -1,9 +1,9 @@
 """CUDA graphs of the pipeline's device step.
 
 On CUDA the device step is ~30 kernel launches (the compiled statistics, the
-chunked head, the nine radix launches, the result block). Each costs the host
-tens of microseconds, so up to batch 64 the step is bound by the host, not the
-GPU. Once the same step shape repeats (same rows, vocabulary, dtype and
+chunked head, the radix search's nine to twelve, the result block). Each
+costs the host tens of microseconds, so up to batch 64 the step is bound by
+the host, not the GPU. Once the same step shape repeats (same rows, vocabulary, dtype and
 settings pattern: ``key``), :class:`StepGraphs` captures the two halves of the
 step -- ``prepare`` (no u needed) and ``finish`` (u known) -- into CUDA graphs
 over buffers of their own, and later steps of that shape copy their logits,

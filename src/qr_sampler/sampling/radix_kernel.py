@@ -71,8 +71,12 @@ from qr_sampler.sampling.select import Selection, SelectionParams, effective_tem
 #: take 2-3 bits and the later passes, over their lists, take 4 (search at
 #: batch 256 / 64 on an H200, graph-captured, randn*3 logits: 949 / 316 µs
 #: with 4 bits a pass, 797 / 275 µs with this schedule; 2 bits up to the
-#: compacting pass 855 / 293, 3,3,2 then 4-bit passes 924 / 305)
+#: compacting pass 855 / 293, 3,3,2 then 4-bit passes 924 / 305). Used inside
+#: a CUDA graph's capture, and eagerly from :data:`HOST_BOUND_ROWS` rows on
 SCHEDULE: tuple[int, ...] = (3, 3, 2, 2, 2, 4, 4, 4, 4, 4)
+#: ... and below that, eagerly: the fewest passes (each launch costs the host
+#: ~65 µs against a few tens of µs of GPU time at those batches)
+FEW_PASSES: tuple[int, ...] = (4, 4, 4, 4, 4, 4, 4, 4)
 #: the compacting pass: the first with this many bits decided before it (the
 #: passes up to it read every token: the wide ones)
 COMPACT_BITS = 8
@@ -96,8 +100,9 @@ COMPACT_SHARE = 2
 #: runs again only for the rows guessed wrong (their programs alone: the
 #: others skip it)
 GUESS_SECOND = True
-#: ... in a CUDA graph, or eagerly from this many rows on
-GUESS_MIN_ROWS = 128
+#: ... in a CUDA graph, or eagerly from this many rows on: an eager search of
+#: fewer rows is bound by its launches' host time (no guess, :data:`FEW_PASSES`)
+HOST_BOUND_ROWS = 128
 #: slices of at most this many ids (at vocab 151,936 on a GPU of 132 SMs,
 #: every batch up to 844 rows) hold them as int16 offsets, else int32: the
 #: half-row list then takes the memory a quarter-row list of int32 took
@@ -195,12 +200,11 @@ def _choose(
     progs = tl.arange(0, SPLIT_P2)
     bins = tl.arange(0, NB)
     ok = progs[:, None] < SPLIT
-    first = tl.load(
-        part_ptr + ((0 * n + i) * SPLIT + progs[:, None]) * NBS + bins[None, :],
-        mask=ok & (bins[None, :] == 0),
-        other=0.0,
-    )
-    total = tl.sum(tl.sum(first, axis=1), axis=0)
+    # Z from a tile of one shape in every pass and in the final kernel (a
+    # reduction's order follows its tile's layout, which follows NB): every
+    # pass of a search compares against the same U, to the last bit
+    first = tl.load(part_ptr + ((0 * n + i) * SPLIT + progs) * NBS, mask=progs < SPLIT, other=0.0)
+    total = tl.sum(first, axis=0)
     target = u * total
     parts = tl.load(
         part_ptr + ((R * n + i) * SPLIT + progs[:, None]) * NBS + bins[None, :], mask=ok, other=0.0
@@ -681,7 +685,7 @@ def radix_begin(
     vocab = logits.shape[1]
     device = logits.device
     split, chunk = _split(n, vocab, device)
-    schedule = _schedule()
+    schedule = _schedule(n, logits)
     rounds = len(schedule)
     nbs = 1 << max(schedule)
     nb = 1 << schedule[-1]  # the last pass's buckets (single keys)
@@ -724,19 +728,19 @@ def _device_index() -> int:
     return index
 
 
-def _schedule() -> tuple[int, ...]:
-    """:data:`SCHEDULE`, checked."""
-    schedule = tuple(SCHEDULE)
+def _schedule(rows: int, logits: torch.Tensor) -> tuple[int, ...]:
+    """:data:`SCHEDULE`, or :data:`FEW_PASSES` for a host-bound search; checked."""
+    schedule = tuple(FEW_PASSES if _host_bound(rows, logits) else SCHEDULE)
     if sum(schedule) != 32 or not all(1 <= b <= 4 for b in schedule) or len(schedule) < 3:
         raise ValueError(
-            f"SCHEDULE: 3 or more passes of 1 to 4 bits, 32 bits in all; got {schedule}"
+            f"radix schedule: 3 or more passes of 1 to 4 bits, 32 bits in all; got {schedule}"
         )
     return schedule
 
 
 def _compact_pass(search: RadixSearch) -> int:
     """The pass that writes its range's ids: the first with :data:`COMPACT_BITS`
-    decided before it, and never the last (nor the one before it)."""
+    decided before it, and at the latest the one before the last."""
     decided = 0
     for r, bits in enumerate(search.schedule):
         if decided >= COMPACT_BITS:
@@ -753,13 +757,17 @@ def _wide_passes(search: RadixSearch) -> int:
 def _guesses(search: RadixSearch, logits: torch.Tensor) -> bool:
     """Whether the second pass runs on a guess before u (:data:`GUESS_SECOND`):
     only where it is a wide pass that writes no ids, and where its launch is
-    cheap next to the work it moves (a CUDA graph's capture, or a batch of
-    :data:`GUESS_MIN_ROWS` or more: smaller eager searches are bound by their
-    launches' host time)."""
+    cheap next to the work it moves (see :func:`_host_bound`)."""
     if not GUESS_SECOND or _compact_pass(search) <= 1:
         return False
+    return not _host_bound(search.grid[0], logits)
+
+
+def _host_bound(rows: int, logits: torch.Tensor) -> bool:
+    """Whether a search is bound by its launches' host time: eager (not in a
+    CUDA graph's capture) and under :data:`HOST_BOUND_ROWS` rows."""
     capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
-    return capturing or search.grid[0] >= GUESS_MIN_ROWS
+    return not capturing and rows < HOST_BOUND_ROWS
 
 
 def _launch_pass(search: RadixSearch, r: int, phase: int = 0) -> None:
