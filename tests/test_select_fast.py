@@ -576,8 +576,7 @@ for (share, short, min_rows, schedule), kind in [(c, k) for c in cases for k in 
     on = make_params(rows6, device=dev)
     st = row_stats(logits.to(dev), effective_temperature(on))
     got = select_radix_kernel(logits.to(dev), on, st.lse, st.max_logit)
-    compacting = rk._compact_pass(searches[0])
-    cap, first, last = searches[0].args[21], held[compacting], held[len(held) - 2]
+    cap, first, last = searches[0].args[21], held[searches[0].compact], held[len(held) - 2]
     pref = searches[0].args[11]  # the prefix after each pass, then the second pass's guess
     out["guessed"] += int(searches[0].guessed)
     out["passes"].append(len(held))  # passes launched

@@ -3,12 +3,13 @@
 On CUDA the device step is ~30 kernel launches (the compiled statistics, the
 chunked head, the radix search's nine to twelve, the result block). Each
 costs the host tens of microseconds, so up to batch 64 the step is bound by
-the host, not the GPU. Once the same step shape repeats (same rows, vocabulary, dtype and
-settings pattern: ``key``), :class:`StepGraphs` captures the two halves of the
-step -- ``prepare`` (no u needed) and ``finish`` (u known) -- into CUDA graphs
-over buffers of their own, and later steps of that shape copy their logits,
-settings and u into those buffers and replay the graphs: two launches instead
-of ~30, the same kernels on the same values, so the same answers.
+the host, not the GPU. Once the same step shape repeats (same rows,
+vocabulary, dtype and settings pattern: ``key``), :class:`StepGraphs`
+captures the two halves of the step -- ``prepare`` (no u needed) and
+``finish`` (u known) -- into CUDA graphs over buffers of their own, and later
+steps of that shape copy their logits, settings and u into those buffers and
+replay the graphs: two launches instead of ~30, the same kernels on the same
+values, so the same answers.
 
 Only a cache: a shape is captured after it has been seen :data:`AFTER` steps
 in a row (a batch whose composition changes every step never pays for a

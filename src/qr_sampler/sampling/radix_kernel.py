@@ -659,6 +659,7 @@ class RadixSearch:
         self.shape = shape  # the kernels' compile-time constants common to every launch
         self.grid = grid  # (rows, programs per row)
         self.schedule = schedule  # bits of the key decided by each pass
+        self.compact = _compact_pass(schedule)  # the pass that writes its range's ids
         self.guessed = False  # whether the second pass was queued on a guess
 
 
@@ -685,7 +686,8 @@ def radix_begin(
     vocab = logits.shape[1]
     device = logits.device
     split, chunk = _split(n, vocab, device)
-    schedule = _schedule(n, logits)
+    host_bound = _host_bound(n, logits)
+    schedule = _schedule(host_bound)
     rounds = len(schedule)
     nbs = 1 << max(schedule)
     nb = 1 << schedule[-1]  # the last pass's buckets (single keys)
@@ -716,7 +718,10 @@ def radix_begin(
     }
     search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split), schedule)
     _launch_pass(search, 0)
-    if _guesses(search, logits):
+    # the second pass on a guess (GUESS_SECOND) only where it is a wide pass
+    # that writes no ids, and where its launch is cheap next to the work it
+    # moves (not host-bound)
+    if GUESS_SECOND and search.compact > 1 and not host_bound:
         _launch_pass(search, 1, phase=1)
         search.guessed = True
     return search
@@ -728,9 +733,9 @@ def _device_index() -> int:
     return index
 
 
-def _schedule(rows: int, logits: torch.Tensor) -> tuple[int, ...]:
+def _schedule(host_bound: bool) -> tuple[int, ...]:
     """:data:`SCHEDULE`, or :data:`FEW_PASSES` for a host-bound search; checked."""
-    schedule = tuple(FEW_PASSES if _host_bound(rows, logits) else SCHEDULE)
+    schedule = tuple(FEW_PASSES if host_bound else SCHEDULE)
     if sum(schedule) != 32 or not all(1 <= b <= 4 for b in schedule) or len(schedule) < 3:
         raise ValueError(
             f"radix schedule: 3 or more passes of 1 to 4 bits, 32 bits in all; got {schedule}"
@@ -738,29 +743,15 @@ def _schedule(rows: int, logits: torch.Tensor) -> tuple[int, ...]:
     return schedule
 
 
-def _compact_pass(search: RadixSearch) -> int:
+def _compact_pass(schedule: tuple[int, ...]) -> int:
     """The pass that writes its range's ids: the first with :data:`COMPACT_BITS`
     decided before it, and at the latest the one before the last."""
     decided = 0
-    for r, bits in enumerate(search.schedule):
+    for r, bits in enumerate(schedule):
         if decided >= COMPACT_BITS:
-            return min(r, len(search.schedule) - 2)
+            return min(r, len(schedule) - 2)
         decided += bits
-    return len(search.schedule) - 2
-
-
-def _wide_passes(search: RadixSearch) -> int:
-    """Passes that read every token and keep per-lane sums: up to the compacting one."""
-    return _compact_pass(search) + 1
-
-
-def _guesses(search: RadixSearch, logits: torch.Tensor) -> bool:
-    """Whether the second pass runs on a guess before u (:data:`GUESS_SECOND`):
-    only where it is a wide pass that writes no ids, and where its launch is
-    cheap next to the work it moves (see :func:`_host_bound`)."""
-    if not GUESS_SECOND or _compact_pass(search) <= 1:
-        return False
-    return not _host_bound(search.grid[0], logits)
+    return len(schedule) - 2
 
 
 def _host_bound(rows: int, logits: torch.Tensor) -> bool:
@@ -774,8 +765,8 @@ def _launch_pass(search: RadixSearch, r: int, phase: int = 0) -> None:
     schedule = search.schedule
     consts = {
         "R": r,
-        "WIDE": _wide_passes(search),
-        "COMPACT": _compact_pass(search),
+        "WIDE": search.compact + 1,  # the passes that read every token, per-lane sums
+        "COMPACT": search.compact,
         "PHASE": phase,
         "BITS": schedule[r],
         "SHIFT": 32 - sum(schedule[: r + 1]),
