@@ -646,6 +646,82 @@ print(json.dumps(out))
 """
 
 
+def _triton_child(script: str) -> Any:
+    """Run ``script`` in a child process (Triton compiled where a GPU exists,
+    else its CPU interpreter, as in CI); the JSON of its last output line."""
+    path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+STATS_KERNEL_SCRIPT = """
+import json, torch
+from qr_sampler.sampling import radix_kernel as rk
+from qr_sampler.sampling.select import row_stats
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+rk.STATS_CHUNK = 256  # four slices of a row of 1,000, the last one partial
+g = torch.Generator().manual_seed(5)
+wide = torch.randn(9, 1100, generator=g) * 3
+x = wide[:, :1000]  # rows 1,100 apart: the kernel reads the row stride
+x[1, 5] = float("nan")
+x[2, 7] = float("inf")
+x[3] = float("-inf")
+x[4, :600] = float("-inf")  # two whole slices without a finite token
+x[5, 300:] = float("-inf")
+x[6] *= 1e-3  # flat
+x[7, 999] = 60.0  # peaked, in the partial slice
+x[8, 2] = -float("inf")
+t = torch.tensor([0.7, 1.0, 0.5, 1.3, 0.9, 2.0, 0.7, 0.25, 1.0])
+out = {"checked": 0, "same": 0, "close_to_float64": 0}
+for dtype in (torch.float32, torch.bfloat16):
+    xs = x.to(dtype)
+    m, ent, fin, lse = (v.cpu() for v in rk.row_stats_kernel(xs.to(dev), t.to(dev)))
+    ref = row_stats(xs, t, fused=False)
+    lse64 = torch.logsumexp(xs.double() / t.double().unsqueeze(1), dim=-1)
+    for i in range(x.shape[0]):
+        out["checked"] += 1
+        def close(a, b):
+            a, b = float(a), float(b)
+            if a != a or b != b:
+                return a != a and b != b
+            return abs(a - b) <= 1e-6 * abs(b) + 1e-5
+        a, b = m[i], ref.max_logit[i]
+        out["same"] += int(
+            bool(a == b or (a.isnan() and b.isnan()))
+            and int(fin[i]) == int(ref.num_finite[i])
+            and close(ent[i], ref.entropy[i])
+            and close(lse[i], ref.lse[i])
+        )
+        if torch.isfinite(ref.lse[i]):
+            out["close_to_float64"] += int(abs(float(lse[i]) - float(lse64[i])) <= 1e-5)
+print(json.dumps(out))
+"""
+
+
+def test_row_stats_kernel_matches_torch_statistics() -> None:
+    """The Triton row statistics (the pipeline's on CUDA at fixed temperatures;
+    in a child process, by Triton's CPU interpreter in CI) give torch's
+    maxima and finite counts exactly and its entropy and logsumexp to float32
+    rounding, for float32 and bf16 rows with NaN, +inf, all -inf, whole
+    slices of -inf, flat and peaked rows, read through a row stride; their
+    logsumexp within 1e-5 of float64's where finite."""
+    out = _triton_child(STATS_KERNEL_SCRIPT)
+    assert out["checked"] == 18, out
+    assert out["same"] == 18, out
+    assert out["close_to_float64"] == 12, out  # rows 1, 2, 3 have no finite logsumexp
+
+
 def test_radix_kernel_equals_torch_search() -> None:
     """The Triton kernel (in a child process: compiled where a GPU exists, else
     run by Triton's CPU interpreter, as in CI) gives the torch radix search's
@@ -659,20 +735,7 @@ def test_radix_kernel_equals_torch_search() -> None:
     only after they were queued), and three schedules of key bits per pass. On an H200
     the compiled kernel was also compared with the full sort at vocabulary
     151,936 (benchmarks/probe_radix.py)."""
-    path = [p for p in ("src", "tests", os.environ.get("PYTHONPATH", "")) if p]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run(
-        [sys.executable, "-c", RADIX_KERNEL_SCRIPT],
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = _triton_child(RADIX_KERNEL_SCRIPT)
     assert out["rows"] == 72
     assert out["same"] == 72, out
     assert out["tied_past_first"] >= 1, out  # the tie-locating pass ran

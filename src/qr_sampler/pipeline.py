@@ -296,9 +296,16 @@ class SamplingPipeline:
                 else _to_device(np.flatnonzero(radix).astype(np.int64), device)
             )
 
+        # fixed temperatures on CUDA with Triton: the row statistics in its kernels
+        kernel_stats = fixed and mode == "kernel" and device.type == "cuda"
+
         def stage_on(s: torch.Tensor, d: torch.Tensor, head: bool) -> Stage:
+            given = _kernel_stats(s, d) if kernel_stats else None
             return call_fused(  # type: ignore[no-any-return]
-                "pipeline_prepare", _device_prepare, device, s, d, fixed, head_size, chunk, head
+                "pipeline_prepare",
+                _device_prepare,
+                device,
+                *(s, d, fixed, head_size, chunk, head, given),
             )
 
         def prepare_on(s: torch.Tensor, d: torch.Tensor) -> tuple[Stage, Any]:
@@ -557,6 +564,8 @@ class SamplingPipeline:
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
 #: whether the Triton radix kernel imports here (decided on first use)
 _RADIX_KERNEL: dict[str, bool | None] = {"ok": None}
+#: whether the Triton row statistics still run (off after their first failure)
+_STATS_KERNEL: dict[str, bool] = {"ok": True}
 
 
 def _head_for(block: np.ndarray, head_size: int) -> int:
@@ -650,6 +659,23 @@ def _radix_begin(
         return None
 
 
+def _kernel_stats(sub: torch.Tensor, dev: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """The row statistics at the fixed temperatures from the Triton kernels
+    (one read of the logits; the compiled torch statistics take two and run
+    ~3x longer), or None where they failed once (then the compiled ones)."""
+    if not _STATS_KERNEL["ok"]:
+        return None
+    from qr_sampler.sampling.radix_kernel import row_stats_kernel
+
+    t = torch.where(dev[:, _FIXED] > 0, dev[:, _FIXED], 1.0).float()
+    try:
+        return row_stats_kernel(sub, t)
+    except Exception as exc:  # e.g. fails to compile on this GPU
+        _STATS_KERNEL["ok"] = False
+        logger.warning("row statistics kernel failed (%s); using compiled torch ops", exc)
+        return None
+
+
 def _radix_failed(exc: Exception) -> None:
     _RADIX_KERNEL["ok"] = False  # its rows stay unresolved: the exact fallback answers them
     logger.warning("radix kernel failed (%s); using the chunked head", exc)
@@ -713,15 +739,20 @@ def _device_prepare(
     head_size: int,
     chunk: int,
     use_head: bool,
+    given: tuple[torch.Tensor, ...] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Stage 5 and the u-independent half of stage 6, host-sync free (compiled
     on CUDA): temperatures, entropy, logsumexp(logits / T), row maxima, finite
     counts and, with ``use_head``, the chunked head (values, ids, exact length;
-    empty otherwise)."""
+    empty otherwise). ``given``: the row statistics at the fixed temperatures,
+    already computed (max, entropy, finite count, logsumexp)."""
     fixed_t = None
     if fixed:  # no EDT row: every temperature is the fixed one (greedy rows' statistics at T = 1)
         fixed_t = torch.where(dev[:, _FIXED] > 0, dev[:, _FIXED], 1.0).float()
-    stats = row_stats(sub, fixed_t, fused=False)
+    if given is not None and fixed:
+        stats = RowStats(*given)
+    else:
+        stats = row_stats(sub, fixed_t, fused=False)
     if fixed:
         t, entropy = dev[:, _FIXED].float(), stats.entropy
     else:

@@ -107,6 +107,11 @@ HOST_BOUND_ROWS = 128
 #: every batch up to 844 rows) hold them as int16 offsets, else int32: the
 #: half-row list then takes the memory a quarter-row list of int32 took
 SHORT_IDS_MAX = 32_768
+#: logits per program of the row statistics (:func:`row_stats_kernel`), held
+#: in registers: the row is read once
+STATS_CHUNK = int(os.environ.get("QR_STATS_CHUNK", "4096"))
+#: warps per program of the row statistics
+STATS_WARPS = int(os.environ.get("QR_STATS_WARPS", "4"))
 
 _SIGN: Any = tl.constexpr(2147483648)  # 2**31
 _FLT_MAX: Any = tl.constexpr(3.4028234663852886e38)
@@ -549,6 +554,92 @@ def _final_kernel(
         tl.store(block + 4, 1.0)
 
 
+@triton.jit
+def _stats_kernel(
+    logits_ptr,
+    stride,
+    vocab,
+    t_ptr,
+    part_ptr,
+    cnt_ptr,
+    SPLIT: tl.constexpr,
+    CHUNK: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+):
+    """Row statistics, one slice of ``CHUNK`` ids per program, held in
+    registers (the slice is read once): the slice's maximum m_c and, relative
+    to it, the sums of e = exp(x - m_c), of e * (x - m_c) and of
+    exp((x - m_c) / T) over its finite tokens; its finite and NaN counts."""
+    i = tl.program_id(0)
+    c = tl.program_id(1)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(logits_ptr + i * stride + offs, mask=offs < vocab, other=float("-inf")).to(
+        tl.float32
+    )
+    nan = x != x
+    finite = x > float("-inf")  # (NaN is not)
+    m = tl.max(tl.where(nan, float("-inf"), x), axis=0)
+    # a slice without a finite token keeps zero sums (its m_c unused); one
+    # with a +inf token, NaN sums: its row's entropy and logsumexp are NaN
+    d = tl.where(finite, x - m, 0.0)
+    e = tl.where(finite, _exp(d, EXACT_EXP), 0.0)
+    r = 1.0 / tl.load(t_ptr + i)
+    scaled = tl.where(finite, _exp(d * r, EXACT_EXP), 0.0)
+    base = part_ptr + (i * SPLIT + c) * 4
+    tl.store(base, m)
+    tl.store(base + 1, tl.sum(e, axis=0))
+    tl.store(base + 2, tl.sum(e * d, axis=0))
+    tl.store(base + 3, tl.sum(scaled, axis=0))
+    tl.store(cnt_ptr + (i * SPLIT + c) * 2, tl.sum(finite.to(tl.int32), axis=0))
+    tl.store(cnt_ptr + (i * SPLIT + c) * 2 + 1, tl.sum(nan.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _stats_merge_kernel(
+    part_ptr,
+    cnt_ptr,
+    t_ptr,
+    max_ptr,
+    ent_ptr,
+    fin_ptr,
+    lse_ptr,
+    SPLIT: tl.constexpr,
+    SPLIT_P2: tl.constexpr,
+    EXACT_EXP: tl.constexpr,
+):
+    """One program per row: the slices' sums rescaled to the row's maximum m,
+    then max, entropy at T = 1 (log s - sum(e * d) / s), finite count and
+    logsumexp(x / T) = m / T + log(sum exp((x - m) / T)); NaN entropy and
+    logsumexp where m is not finite, m NaN where the row holds a NaN."""
+    i = tl.program_id(0)
+    progs = tl.arange(0, SPLIT_P2)
+    ok = progs < SPLIT
+    base = part_ptr + (i * SPLIT + progs) * 4
+    mc = tl.load(base, mask=ok, other=float("-inf"))
+    sc = tl.load(base + 1, mask=ok, other=0.0)
+    dc = tl.load(base + 2, mask=ok, other=0.0)
+    lc = tl.load(base + 3, mask=ok, other=0.0)
+    finite = tl.sum(tl.load(cnt_ptr + (i * SPLIT + progs) * 2, mask=ok, other=0), axis=0)
+    nans = tl.sum(tl.load(cnt_ptr + (i * SPLIT + progs) * 2 + 1, mask=ok, other=0), axis=0)
+    m = tl.max(mc, axis=0)
+    t = tl.load(t_ptr + i)
+    has = sc > 0.0  # slices with a finite token
+    shift = tl.where(has, mc - m, 0.0)
+    w = tl.where(has, _exp(shift, EXACT_EXP), 0.0)
+    s = tl.sum(sc * w, axis=0)
+    dots = tl.sum(w * (dc + shift * sc), axis=0)
+    scaled = tl.sum(lc * tl.where(has, _exp(shift * (1.0 / t), EXACT_EXP), 0.0), axis=0)
+    entropy = tl.log(s) - dots / s
+    lse = tl.div_rn(m, t) + tl.log(scaled)
+    # (nested wheres: Triton's interpreter takes no | of scalar bools)
+    bad = tl.where(nans > 0, 1, tl.where(m == float("inf"), 1, tl.where(m == float("-inf"), 1, 0)))
+    nan = float("nan")
+    tl.store(max_ptr + i, tl.where(nans > 0, nan, m))
+    tl.store(ent_ptr + i, tl.where(bad > 0, nan, entropy))
+    tl.store(lse_ptr + i, tl.where(bad > 0, nan, lse))
+    tl.store(fin_ptr + i, finite.to(tl.int64))
+
+
 def _split(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """Programs per row and ids per program: enough programs to fill the GPU
     once, and no more (rounded down: a program over that count makes a
@@ -641,6 +732,8 @@ def _hook_holder() -> Any:
 
 _PASS = _Relauncher(_pass_kernel)
 _FINAL = _Relauncher(_final_kernel)
+_STATS = _Relauncher(_stats_kernel)
+_STATS_MERGE = _Relauncher(_stats_merge_kernel)
 
 
 class RadixSearch:
@@ -812,3 +905,35 @@ def select_radix_kernel(
         prob=out[:, 2],
         num_candidates=out[:, 3].long(),
     )
+
+
+def row_stats_kernel(
+    logits: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`~qr_sampler.sampling.select.row_stats` with per-row temperatures
+    ``t`` in two launches: each row's max, entropy at T = 1, finite count and
+    logsumexp(logits / T), read once (rows of slices of :data:`STATS_CHUNK`
+    ids, then one program per row rescales the slices' sums to the row's
+    maximum). Equal to the torch statistics within float32 rounding (the sums'
+    order differs); the same in every run and every CUDA graph replay."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    n, vocab = logits.shape
+    device = logits.device
+    split = max(1, -(-vocab // STATS_CHUNK))
+    part = torch.empty(n, split, 4, dtype=torch.float32, device=device)
+    cnt = torch.empty(n, split, 2, dtype=torch.int32, device=device)
+    t = t.float().contiguous()
+    m = torch.empty(n, dtype=torch.float32, device=device)
+    entropy = torch.empty_like(m)
+    lse = torch.empty_like(m)
+    finite = torch.empty(n, dtype=torch.int64, device=device)
+    if n == 0:
+        return m, entropy, finite, lse
+    exact = not _INTERPRETED
+    index = _device_index()
+    consts = {"SPLIT": split, "CHUNK": STATS_CHUNK, "EXACT_EXP": exact, "num_warps": STATS_WARPS}
+    _STATS(index, (n, split), (logits, logits.stride(0), vocab, t, part, cnt), consts)
+    merge = {"SPLIT": split, "SPLIT_P2": triton.next_power_of_2(split), "EXACT_EXP": exact}
+    _STATS_MERGE(index, (n,), (part, cnt, t, m, entropy, finite, lse), {**merge, "num_warps": 1})
+    return m, entropy, finite, lse
