@@ -378,3 +378,27 @@ def test_the_fetch_overlaps_the_u_independent_device_work() -> None:
     tokens, _ = pipe.choose(logits.clone(), None, rows, u)
     assert result.token_ids == tokens.tolist()
     pipe.close()
+
+
+def test_the_settings_block_is_reused_only_for_the_same_rows() -> None:
+    """A step over the same row objects in the same order reuses the last
+    settings block object (a captured CUDA step then copies no settings);
+    other rows, or the same rows reordered, get a new block with their own
+    settings; a step leaves the block unchanged (u is never written into it)."""
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    pipe = SamplingPipeline(settings, source=MockUniformSource(seed=3), sink=RecordSink(None))
+    a = RowState.of(SamplingConfig(fixed_temperature=0.5), "a")
+    b = RowState.of(SamplingConfig(top_k=5), "b")
+    block = pipe._settings_block([a, b])
+    assert pipe._settings_block([a, b]) is block
+    assert not block.flags.writeable
+    swapped = pipe._settings_block([b, a])
+    assert swapped is not block and np.array_equal(swapped, block[::-1])
+    c = RowState.of(SamplingConfig(fixed_temperature=0.9), "c")
+    other = pipe._settings_block([a, c])
+    assert other is not swapped and other[1].tolist() == list(c.params)
+    before = other.copy()
+    for _ in range(2):
+        pipe.sample(torch.randn(2, 64) * 3, [a, c])
+    assert pipe._settings_block([a, c]) is other
+    assert np.array_equal(other, before)

@@ -150,9 +150,15 @@ ROWS = {
 def test_graphed_steps_equal_eager_steps(kind: str, dtype: torch.dtype) -> None:
     """Eight steps with new logits and u each: the graphed pipeline (captured
     at its third step) gives the eager pipeline's tokens and result blocks
-    bit for bit, and forces the same rows."""
-    rows = [RowState.of(c, f"r{i}") for i, c in enumerate(ROWS[kind])]
-    n = len(rows)
+    bit for bit. From the fifth step the rows' temperatures change now and
+    then (the same graph: its settings are copied in again when they
+    change, and only then)."""
+    first = [RowState.of(c, f"r{i}") for i, c in enumerate(ROWS[kind])]
+    hotter = [
+        RowState.of(c.model_copy(update={"fixed_temperature": c.fixed_temperature * 1.5}), f"h{i}")
+        for i, c in enumerate(ROWS[kind])
+    ]
+    n = len(first)
     graphed, eager = _pipeline(True), _pipeline(False)
     gen = torch.Generator(device="cuda").manual_seed(5)
     rng = np.random.default_rng(5)
@@ -162,6 +168,7 @@ def test_graphed_steps_equal_eager_steps(kind: str, dtype: torch.dtype) -> None:
             logits[0, 7] = float("inf")  # lse not finite: the exact fallback after the sync
         u = rng.uniform(1e-10, 1 - 1e-10, n)
         a, b = logits.clone(), logits.clone()
+        rows = hotter if step in (4, 5, 7) else first
         ids_g, host_g = graphed.choose(a, None, rows, u)
         ids_e, host_e = eager.choose(b, None, rows, u)
         assert ids_g.tolist() == ids_e.tolist(), step

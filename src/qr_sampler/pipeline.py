@@ -199,6 +199,8 @@ class SamplingPipeline:
         self.graphs = StepGraphs()
         self.graphs.enabled = settings.cuda_graphs == "auto"
         self._graphed = False  # the last step replayed graphs (see sample)
+        self._block_rows: list[RowState] = []  # the rows of the last settings block
+        self._block = np.zeros((0, _NPARAMS))
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         if settings.fused_kernels == "off":
@@ -258,7 +260,7 @@ class SamplingPipeline:
         """The u-independent part of :meth:`choose`, queued on the logits'
         device without a sync: row statistics, temperatures, the normaliser and
         the chunked head. :meth:`sample` runs it while the entropy is fetched."""
-        block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
+        block = self._settings_block(rows)
         device = logits.device
         # no EDT row: the temperatures are known now and one pass gives every statistic
         fixed = not block[:, _EDT].any()
@@ -273,7 +275,7 @@ class SamplingPipeline:
         head_now = use_head and not small
 
         def replay(graph: StepGraph) -> _Prepared:  # this step's inputs in, then replay
-            graph.run_prepare(logits, row_index, _pinned(block))
+            graph.run_prepare(logits, row_index, block)
             flags = (mode, radix, use_radix, use_head, small)
             stage, search = graph.stage
             return _Prepared(graph.sub, graph.dev, *flags, stage, search, graph)
@@ -340,6 +342,18 @@ class SamplingPipeline:
         flags = (mode, radix, use_radix, use_head, small)
         return _Prepared(sub, dev, *flags, stage, search, top=top)
 
+    def _settings_block(self, rows: Sequence[RowState]) -> np.ndarray:
+        """The rows' settings as a float64 block (read-only); the last step's
+        block object itself when the rows are the same objects in the same
+        order (a steady decode batch: a captured step then copies no settings)."""
+        last = self._block_rows
+        if len(last) == len(rows) and all(a is b for a, b in zip(last, rows, strict=True)):
+            return self._block
+        block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
+        block.flags.writeable = False
+        self._block_rows, self._block = list(rows), block
+        return block
+
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
         to the host (the step's sync) and the rare exact fallback."""
@@ -348,7 +362,7 @@ class SamplingPipeline:
         t, entropy = prep.stage[:2]
         stats = _stage_stats(prep.stage)
         if prep.graph is not None:
-            token_ids, out = prep.graph.run_finish(_pinned(u64))
+            token_ids, out = prep.graph.run_finish(u64)
         elif not (prep.use_head or prep.use_radix):
             # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
             # row takes the exact fallback straight away
@@ -830,12 +844,10 @@ def _device_finish(
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Host array to ``device``; on CUDA through pinned memory without a host sync."""
+    """A copy of a host array on ``device`` (never sharing the array's memory,
+    which may be the cached settings block); on CUDA through pinned memory
+    without a host sync."""
     if device.type != "cuda":
-        return torch.from_numpy(array).to(device)
-    return _pinned(array).to(device, non_blocking=True)
-
-
-def _pinned(array: np.ndarray) -> torch.Tensor:
-    """A pinned host copy of ``array``, to copy to a CUDA buffer without a sync."""
-    return torch.from_numpy(array).pin_memory()
+        return torch.from_numpy(np.array(array)).to(device)
+    pinned = torch.from_numpy(np.array(array)).pin_memory()
+    return pinned.to(device, non_blocking=True)

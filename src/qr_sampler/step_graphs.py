@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 logger = logging.getLogger("qr_sampler")
@@ -56,26 +57,54 @@ class StepGraph:
     out: torch.Tensor  # the result block
     prepare: torch.cuda.CUDAGraph
     finish: torch.cuda.CUDAGraph
+    #: pinned host staging of the settings block and of u (reused every step)
+    host_dev: torch.Tensor
+    host_u: torch.Tensor
+    #: the settings block ``dev`` holds (its columns but u are never rewritten
+    #: on the device, so an unchanged block is not copied again)
+    block: np.ndarray | None = None
+    #: recorded after the last copies out of the staging: done before they are rewritten
+    staged: torch.cuda.Event | None = None
 
     def run_prepare(
-        self, logits: torch.Tensor, row_index: torch.Tensor | None, dev: torch.Tensor
+        self, logits: torch.Tensor, row_index: torch.Tensor | None, block: np.ndarray
     ) -> None:
-        """Copy this step's rows and settings (``dev``: pinned host or device
-        memory) in, queued without a sync, and replay ``prepare``."""
+        """Copy this step's rows and settings ``block`` (float64, host) in,
+        queued without a sync, and replay ``prepare``. The same block object
+        as the last step's (see :meth:`SamplingPipeline.prepare`) is not
+        copied again."""
         if row_index is None:
             self.sub.copy_(logits)
         else:
             torch.index_select(logits, 0, row_index, out=self.sub)
-        self.dev.copy_(dev, non_blocking=True)
+        if block is not self.block:
+            self._stage(self.host_dev, block)
+            self.dev.copy_(self.host_dev, non_blocking=True)
+            self.block = block
+            self._staged()
         self.prepare.replay()
 
-    def run_finish(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Copy u in (``u``: pinned host or device memory, no sync) and replay
-        ``finish``: the token ids (a copy: the graph's own buffer is rewritten
-        by the next step) and the result block."""
-        self.u.copy_(u, non_blocking=True)
+    def run_finish(self, u: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy u (float64, host) in without a sync and replay ``finish``: the
+        token ids (a copy: the graph's own buffer is rewritten by the next
+        step) and the result block."""
+        self._stage(self.host_u, u)
+        self.u.copy_(self.host_u, non_blocking=True)
+        self._staged()
         self.finish.replay()
         return self.token_ids.clone(), self.out
+
+    def _stage(self, host: torch.Tensor, values: np.ndarray) -> None:
+        """``values`` into the pinned ``host`` buffer once no queued copy still
+        reads it (a step normally ends with a sync, so they are done)."""
+        if self.staged is not None and not self.staged.query():  # type: ignore[no-untyped-call]
+            self.staged.synchronize()
+        host.numpy()[...] = values
+
+    def _staged(self) -> None:
+        if self.staged is None:
+            self.staged = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        self.staged.record()
 
 
 class StepGraphs:
@@ -161,4 +190,8 @@ def _capture(
     g_finish = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g_finish, pool=g_prepare.pool(), capture_error_mode="thread_local"):
         token_ids, out = finish(s_sub, s_dev, s_u, stage)
-    return StepGraph(s_sub, s_dev, s_u, stage, token_ids, out, g_prepare, g_finish)
+    host_dev = torch.empty(dev.shape, dtype=dev.dtype, pin_memory=True)
+    host_u = torch.empty(s_u.shape, dtype=s_u.dtype, pin_memory=True)
+    return StepGraph(
+        s_sub, s_dev, s_u, stage, token_ids, out, g_prepare, g_finish, host_dev, host_u
+    )
