@@ -2,7 +2,7 @@
 (:mod:`qr_sampler.sampling.radix_kernel`) against the native exponential-race
 draw on the same logits, and its answers against the full sort.
 
-Times ``row statistics (compiled) + kernel`` per call with the results brought
+Times ``row statistics (``--stats``) + kernel`` per call with the results brought
 to the host (one sync), like the native draw. Not a target (``bench_sampling``
 measures the whole pipeline); run on the device tool:
 ``python -m benchmarks.probe_radix --device cuda``.
@@ -45,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--per-sm", type=int, default=radix_kernel.PROGRAMS_PER_SM, help="programs per SM"
     )
+    ap.add_argument(
+        "--stats",
+        default="kernel",
+        choices=["kernel", "torch"],
+        help="row statistics: the Triton kernels (the pipeline's on CUDA) or compiled torch",
+    )
     args = ap.parse_args(argv)
     radix_kernel.SCHEDULE = tuple(int(b) for b in args.schedule.split(","))
     radix_kernel.BLOCK = args.block
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     print(
         f"machine: {machine()}; logits {args.dtype}; schedule {args.schedule}, block {args.block}, "
-        f"warps {args.warps}, programs per SM {args.per_sm}"
+        f"warps {args.warps}, programs per SM {args.per_sm}; row statistics: {args.stats}"
     )
     gen = torch.Generator(device="cpu").manual_seed(0)
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -75,9 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             return probs.div_(q).argmax(dim=-1).cpu()
 
         def kernel(logits: torch.Tensor = logits, params: SelectionParams = params) -> Any:
-            stats = row_stats(logits, effective_temperature(params))
-            assert stats.lse is not None
-            sel = select_radix_kernel(logits, params, stats.lse, stats.max_logit)
+            t = effective_temperature(params)
+            if args.stats == "kernel":
+                max_logit, _entropy, _finite, lse = radix_kernel.row_stats_kernel(logits, t)
+            else:
+                stats = row_stats(logits, t)
+                assert stats.lse is not None
+                max_logit, lse = stats.max_logit, stats.lse
+            sel = select_radix_kernel(logits, params, lse, max_logit)
             return sel.token_ids.cpu()
 
         got = kernel()

@@ -1,6 +1,6 @@
 """CUDA graphs of the pipeline's device step.
 
-On CUDA the device step is ~30 kernel launches (the compiled statistics, the
+On CUDA the device step is ~30 kernel launches (the row statistics, the
 chunked head, the radix search's nine to twelve, the result block). Each
 costs the host tens of microseconds, so up to batch 64 the step is bound by
 the host, not the GPU. Once the same step shape repeats (same rows,
