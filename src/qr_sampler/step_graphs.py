@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,8 +63,9 @@ class StepGraph:
     #: the settings block ``dev`` holds (its columns but u are never rewritten
     #: on the device, so an unchanged block is not copied again)
     block: np.ndarray | None = None
-    #: recorded after the last copies out of the staging: done before they are rewritten
-    staged: torch.cuda.Event | None = None
+    #: recorded after the last copy out of each staging buffer (by its name):
+    #: a buffer is rewritten only once its copy is done
+    copied: dict[str, torch.cuda.Event] = field(default_factory=dict)
 
     def run_prepare(
         self, logits: torch.Tensor, row_index: torch.Tensor | None, block: np.ndarray
@@ -78,33 +79,31 @@ class StepGraph:
         else:
             torch.index_select(logits, 0, row_index, out=self.sub)
         if block is not self.block:
-            self._stage(self.host_dev, block)
-            self.dev.copy_(self.host_dev, non_blocking=True)
+            self._stage("dev", self.host_dev, block, self.dev)
             self.block = block
-            self._staged()
         self.prepare.replay()
 
     def run_finish(self, u: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy u (float64, host) in without a sync and replay ``finish``: the
         token ids (a copy: the graph's own buffer is rewritten by the next
         step) and the result block."""
-        self._stage(self.host_u, u)
-        self.u.copy_(self.host_u, non_blocking=True)
-        self._staged()
+        self._stage("u", self.host_u, u, self.u)
         self.finish.replay()
         return self.token_ids.clone(), self.out
 
-    def _stage(self, host: torch.Tensor, values: np.ndarray) -> None:
-        """``values`` into the pinned ``host`` buffer once no queued copy still
-        reads it (a step normally ends with a sync, so they are done)."""
-        if self.staged is not None and not self.staged.query():  # type: ignore[no-untyped-call]
-            self.staged.synchronize()
+    def _stage(self, name: str, host: torch.Tensor, values: np.ndarray, to: torch.Tensor) -> None:
+        """``values`` into the pinned buffer ``host``, then queued (no sync) on
+        to the device buffer ``to``. The buffer's last copy is waited for
+        first if it is still queued (never in the pipeline's steps: each ends
+        with a sync)."""
+        event = self.copied.get(name)
+        if event is not None and not event.query():  # type: ignore[no-untyped-call]
+            event.synchronize()
         host.numpy()[...] = values
-
-    def _staged(self) -> None:
-        if self.staged is None:
-            self.staged = torch.cuda.Event()  # type: ignore[no-untyped-call]
-        self.staged.record()
+        to.copy_(host, non_blocking=True)
+        if event is None:
+            event = self.copied[name] = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record()
 
 
 class StepGraphs:
