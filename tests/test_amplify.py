@@ -96,6 +96,16 @@ def test_row_byte_sums_are_exact_integer_sums(n: int) -> None:
     assert sample_means(chunks).tolist() == [e / n for e in expected]
 
 
+def test_normal_cdf_is_math_erfc_bit_for_bit() -> None:
+    """Each u is exactly 0.5 * math.erfc(-z / sqrt 2) in Python floats (the
+    analysis tools recompute u from the recorded bytes that way)."""
+    z = np.concatenate(
+        [np.random.default_rng(4).standard_normal(5000) * 4, [0.0, -0.0, -40.0, 40.0, 1e-300]]
+    )
+    want = [0.5 * math.erfc(-float(v) / math.sqrt(2.0)) for v in z]
+    assert normal_cdf(z).tolist() == want
+
+
 def test_normal_cdf_in_both_tails() -> None:
     z = np.concatenate([np.linspace(-37, 37, 2001), [-8.5, 8.5, 0.0]])
     assert np.allclose(normal_cdf(z), stats.norm.cdf(z), rtol=1e-12, atol=0.0)

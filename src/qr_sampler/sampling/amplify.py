@@ -38,8 +38,12 @@ class Amplified:
 
 
 def normal_cdf(z: FloatArray) -> FloatArray:
-    """Phi(z) = erfc(-z / sqrt 2) / 2, accurate in both tails."""
-    return np.array([0.5 * math.erfc(-float(v) / _SQRT2) for v in z], dtype=np.float64)
+    """Phi(z) = erfc(-z / sqrt 2) / 2, accurate in both tails: ``math.erfc``
+    of each value (the division and the halving vectorised, bit for bit the
+    same as in Python floats; ~2x faster than a loop over the values)."""
+    args = (-np.asarray(z, dtype=np.float64) / _SQRT2).tolist()
+    erfc: FloatArray = np.fromiter(map(math.erfc, args), dtype=np.float64, count=len(args))
+    return 0.5 * erfc
 
 
 #: bytes per lane row: a row's bytes are folded as (slices, LANE) and summed
