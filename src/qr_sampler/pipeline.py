@@ -307,7 +307,13 @@ class SamplingPipeline:
                 "pipeline_prepare",
                 _device_prepare,
                 device,
-                *(s, d, fixed, head_size, chunk, head, given),
+                s,
+                d,
+                fixed,
+                head_size,
+                chunk,
+                head,
+                given,
             )
 
         def prepare_on(s: torch.Tensor, d: torch.Tensor) -> tuple[Stage, Any]:
@@ -681,13 +687,18 @@ def _kernel_stats(sub: torch.Tensor, dev: torch.Tensor) -> tuple[torch.Tensor, .
         return None
     from qr_sampler.sampling.radix_kernel import row_stats_kernel
 
-    t = torch.where(dev[:, _FIXED] > 0, dev[:, _FIXED], 1.0).float()
     try:
-        return row_stats_kernel(sub, t)
+        return row_stats_kernel(sub, _stats_temperature(dev))
     except Exception as exc:  # e.g. fails to compile on this GPU
         _STATS_KERNEL["ok"] = False
         logger.warning("row statistics kernel failed (%s); using compiled torch ops", exc)
         return None
+
+
+def _stats_temperature(dev: torch.Tensor) -> torch.Tensor:
+    """The temperatures of the row statistics when every row's is fixed
+    (float32): the fixed one, and 1 for greedy rows."""
+    return torch.where(dev[:, _FIXED] > 0, dev[:, _FIXED], 1.0).float()
 
 
 def _radix_failed(exc: Exception) -> None:
@@ -758,14 +769,14 @@ def _device_prepare(
     """Stage 5 and the u-independent half of stage 6, host-sync free (compiled
     on CUDA): temperatures, entropy, logsumexp(logits / T), row maxima, finite
     counts and, with ``use_head``, the chunked head (values, ids, exact length;
-    empty otherwise). ``given``: the row statistics at the fixed temperatures,
-    already computed (max, entropy, finite count, logsumexp)."""
-    fixed_t = None
-    if fixed:  # no EDT row: every temperature is the fixed one (greedy rows' statistics at T = 1)
-        fixed_t = torch.where(dev[:, _FIXED] > 0, dev[:, _FIXED], 1.0).float()
-    if given is not None and fixed:
+    empty otherwise). ``given`` (only with ``fixed``): the row statistics at
+    the fixed temperatures, already computed (max, entropy, finite count,
+    logsumexp)."""
+    if given is not None:
         stats = RowStats(*given)
     else:
+        # no EDT row: every temperature is the fixed one (greedy rows' statistics at T = 1)
+        fixed_t = _stats_temperature(dev) if fixed else None
         stats = row_stats(sub, fixed_t, fused=False)
     if fixed:
         t, entropy = dev[:, _FIXED].float(), stats.entropy
