@@ -705,6 +705,28 @@ for dtype in (torch.float32, torch.bfloat16):
         )
         if torch.isfinite(ref.lse[i]):
             out["close_to_float64"] += int(abs(float(lse[i]) - float(lse64[i])) <= 1e-5)
+# read through an address (as inside a CUDA graph): the same statistics and
+# the same search's answers as from the logits themselves
+xs = x.contiguous().to(dev)
+decoy = torch.zeros_like(xs)
+addr = torch.tensor([xs.data_ptr()], dtype=torch.int64, device=dev)
+td = t.to(dev)
+direct, through = rk.row_stats_kernel(xs, td), rk.row_stats_kernel(decoy, td, addr)
+out["stats_through_address"] = all(
+    torch.equal(p.isnan(), q.isnan()) and torch.equal(p.nan_to_num(), q.nan_to_num())
+    for p, q in zip(direct, through)
+)
+good = torch.tensor([0, 4, 5, 6, 7, 8], device=dev)  # rows with a finite logsumexp
+u = torch.linspace(0.05, 0.95, 9, dtype=torch.float64)
+block = torch.stack([u, torch.zeros(9, dtype=torch.float64)], dim=1).contiguous().to(dev)
+answers = []
+for logits, where in ((xs, None), (decoy, addr)):
+    search = rk.radix_begin(logits, good, td, direct[3], direct[0], block, 0, 1, where)
+    token = torch.full((9,), -1, dtype=torch.int64, device=dev)
+    rk.radix_end(search, token, torch.zeros(9, 5, dtype=torch.float64, device=dev))
+    answers.append(token.cpu().tolist())
+found = min(answers[0][i] for i in (0, 4, 5, 6, 7, 8)) >= 0
+out["search_through_address"] = found and answers[0] == answers[1]
 print(json.dumps(out))
 """
 
@@ -715,11 +737,15 @@ def test_row_stats_kernel_matches_torch_statistics() -> None:
     maxima and finite counts exactly and its entropy and logsumexp to float32
     rounding, for float32 and bf16 rows with NaN, +inf, all -inf, whole
     slices of -inf, flat and peaked rows, read through a row stride; their
-    logsumexp within 1e-5 of float64's where finite."""
+    logsumexp within 1e-5 of float64's where finite. Read through an address
+    held on the device (as a captured CUDA step does), the statistics and a
+    radix search give what they give from the logits themselves."""
     out = _triton_child(STATS_KERNEL_SCRIPT)
     assert out["checked"] == 18, out
     assert out["same"] == 18, out
     assert out["close_to_float64"] == 12, out  # rows 1, 2, 3 have no finite logsumexp
+    assert out["stats_through_address"], out
+    assert out["search_through_address"], out
 
 
 def test_radix_kernel_equals_torch_search() -> None:

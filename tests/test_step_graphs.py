@@ -152,7 +152,10 @@ def test_graphed_steps_equal_eager_steps(kind: str, dtype: torch.dtype) -> None:
     at its third step) gives the eager pipeline's tokens and result blocks
     bit for bit. From the fifth step the rows' temperatures change now and
     then (the same graph: its settings are copied in again when they
-    change, and only then)."""
+    change, and only then). Where every row is in the radix search, the
+    graph reads each step's logits where they are (no copy), and at the
+    fourth step (logits not 16-byte aligned) and the seventh (logits with a
+    wider row stride) through its own buffer."""
     first = [RowState.of(c, f"r{i}") for i, c in enumerate(ROWS[kind])]
     hotter = [
         RowState.of(c.model_copy(update={"fixed_temperature": c.fixed_temperature * 1.5}), f"h{i}")
@@ -168,6 +171,13 @@ def test_graphed_steps_equal_eager_steps(kind: str, dtype: torch.dtype) -> None:
             logits[0, 7] = float("inf")  # lse not finite: the exact fallback after the sync
         u = rng.uniform(1e-10, 1 - 1e-10, n)
         a, b = logits.clone(), logits.clone()
+        if step == 6:  # rows 64 elements apart more than usual: another layout
+            a = torch.full((n, VOCAB + 64), float("nan"), dtype=dtype, device="cuda")[:, :VOCAB]
+            a.copy_(logits)
+        if step == 3:  # the same layout, one element past an aligned address
+            a = torch.full((n * VOCAB + 1,), float("nan"), dtype=dtype, device="cuda")[1:]
+            a = a.view(n, VOCAB)
+            a.copy_(logits)
         rows = hotter if step in (4, 5, 7) else first
         ids_g, host_g = graphed.choose(a, None, rows, u)
         ids_e, host_e = eager.choose(b, None, rows, u)
@@ -175,6 +185,8 @@ def test_graphed_steps_equal_eager_steps(kind: str, dtype: torch.dtype) -> None:
         assert np.array_equal(host_g, host_e, equal_nan=True), step
     assert graphed.graphs.captures == 1
     assert eager.graphs.captures == 0
+    (graph,) = graphed.graphs._graphs.values()
+    assert (graph.addr is not None) == (kind == "default")
 
 
 @cuda

@@ -275,10 +275,10 @@ class SamplingPipeline:
         head_now = use_head and not small
 
         def replay(graph: StepGraph) -> _Prepared:  # this step's inputs in, then replay
-            graph.run_prepare(logits, row_index, block)
+            sub = graph.run_prepare(logits, row_index, block)
             flags = (mode, radix, use_radix, use_head, small)
             stage, search = graph.stage
-            return _Prepared(graph.sub, graph.dev, *flags, stage, search, graph)
+            return _Prepared(sub, graph.dev, *flags, stage, search, graph)
 
         graph_key: tuple[object, ...] | None = None
         if device.type == "cuda" and self.graphs.enabled:
@@ -300,9 +300,16 @@ class SamplingPipeline:
 
         # fixed temperatures on CUDA with Triton: the row statistics in its kernels
         kernel_stats = fixed and mode == "kernel" and device.type == "cuda"
+        # ... and every row in the radix search: only Triton kernels read the
+        # logits, so a captured step can read them where the caller has them
+        indirect = kernel_stats and row_index is None and use_radix and not use_head
 
-        def stage_on(s: torch.Tensor, d: torch.Tensor, head: bool) -> Stage:
-            given = _kernel_stats(s, d) if kernel_stats else None
+        def stage_on(
+            s: torch.Tensor, d: torch.Tensor, head: bool, addr: torch.Tensor | None = None
+        ) -> Stage:
+            given = _kernel_stats(s, d, addr) if kernel_stats else None
+            if addr is not None and given is None:  # the compiled statistics read ``s``
+                raise RuntimeError("row statistics kernel unavailable for an indirect capture")
             return call_fused(  # type: ignore[no-any-return]
                 "pipeline_prepare",
                 _device_prepare,
@@ -316,16 +323,18 @@ class SamplingPipeline:
                 given,
             )
 
-        def prepare_on(s: torch.Tensor, d: torch.Tensor) -> tuple[Stage, Any]:
+        def prepare_on(
+            s: torch.Tensor, d: torch.Tensor, addr: torch.Tensor | None = None
+        ) -> tuple[Stage, Any]:
             # the search holds ``which``: a captured graph keeps it alive through it
-            st = stage_on(s, d, head_now)
-            return st, _radix_begin(s, which, st, d)
+            st = stage_on(s, d, head_now, addr)
+            return st, _radix_begin(s, which, st, d, addr)
 
         def finish_on(s: torch.Tensor, d: torch.Tensor, u: torch.Tensor, st: Any) -> Pair:
             return _select_on_device(s, d, u, st[0], st[1], use_head, use_radix, mode, small)
 
         if graph_key is not None:
-            graph = self.graphs.capture(graph_key, sub, dev, prepare_on, finish_on)
+            graph = self.graphs.capture(graph_key, sub, dev, prepare_on, finish_on, indirect)
             if graph is not None:
                 return replay(graph)
         # eager on the CPU the host may look at the statistics for free: the head
@@ -663,23 +672,30 @@ def _head_where_useful(
 
 
 def _radix_begin(
-    sub: torch.Tensor, which: torch.Tensor | None, stage: Stage, dev: torch.Tensor
+    sub: torch.Tensor,
+    which: torch.Tensor | None,
+    stage: Stage,
+    dev: torch.Tensor,
+    addr: torch.Tensor | None = None,
 ) -> Any:
     """The radix kernel's search over the rows in ``which``, its first pass
-    (which needs no u) queued; None without such rows or when the kernel fails."""
+    (which needs no u) queued; None without such rows or when the kernel fails.
+    ``addr``: where the kernels read the rows (see :class:`StepGraph`)."""
     if which is None:
         return None
     from qr_sampler.sampling.radix_kernel import radix_begin
 
     t, _entropy, lse, max_logit = stage[:4]
     try:
-        return radix_begin(sub, which, t, lse, max_logit, dev, _U, _MINP)
+        return radix_begin(sub, which, t, lse, max_logit, dev, _U, _MINP, addr)
     except Exception as exc:  # e.g. the kernel fails to compile on this GPU
         _radix_failed(exc)
         return None
 
 
-def _kernel_stats(sub: torch.Tensor, dev: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+def _kernel_stats(
+    sub: torch.Tensor, dev: torch.Tensor, addr: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...] | None:
     """The row statistics at the fixed temperatures from the Triton kernels
     (one read of the logits; the compiled torch statistics take two and run
     ~3x longer), or None where they failed once (then the compiled ones)."""
@@ -688,7 +704,7 @@ def _kernel_stats(sub: torch.Tensor, dev: torch.Tensor) -> tuple[torch.Tensor, .
     from qr_sampler.sampling.radix_kernel import row_stats_kernel
 
     try:
-        return row_stats_kernel(sub, _stats_temperature(dev))
+        return row_stats_kernel(sub, _stats_temperature(dev), addr)
     except Exception as exc:  # e.g. fails to compile on this GPU
         _STATS_KERNEL["ok"] = False
         logger.warning("row statistics kernel failed (%s); using compiled torch ops", exc)

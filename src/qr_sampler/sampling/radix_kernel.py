@@ -136,6 +136,20 @@ def _exp(z, EXACT_EXP: tl.constexpr):
 
 
 @triton.jit
+def _logits_at(logits_ptr, addr_ptr, INDIRECT: tl.constexpr):
+    """The logits to read: ``logits_ptr``, or with ``INDIRECT`` the address
+    held in ``addr_ptr`` (int64, same dtype and row stride, a multiple of 16):
+    a captured CUDA graph then reads each step's logits where the caller has
+    them. The address is declared 16-byte aligned, as Triton specialises an
+    aligned ``logits_ptr``: the compiler then lays the loads out alike, and the
+    reductions, whose order follows that layout, give the same bits."""
+    if INDIRECT:
+        ptr = tl.load(addr_ptr).to(tl.pointer_type(logits_ptr.dtype.element_ty))
+        return tl.multiple_of(ptr, 16)
+    return logits_ptr
+
+
+@triton.jit
 def _scaled(raw, inside, t):
     """x = logits / T as :func:`~qr_sampler.sampling.select.scaled_logits`
     (``raw``: loaded logits, -inf outside the row): NaN -> -inf, +inf -> the
@@ -310,6 +324,7 @@ def _pass_kernel(
     cap,
     U_COL,
     MINP_COL,
+    addr_ptr,
     R: tl.constexpr,
     ROUNDS: tl.constexpr,
     BITS: tl.constexpr,
@@ -323,6 +338,7 @@ def _pass_kernel(
     SHIFT: tl.constexpr = 28,
     PBITS: tl.constexpr = 4,
     NBS: tl.constexpr = 16,
+    INDIRECT: tl.constexpr = False,
 ):
     """Pass ``R`` of the search, over ``BITS`` bits of the key below ``SHIFT``
     (``PBITS``: the pass before's bits); ``PHASE`` 1 runs it on a guess of the bucket
@@ -359,7 +375,7 @@ def _pass_kernel(
     edges = _key_value(prefix + (bins.to(tl.int64) << SHIFT))  # [NB]
     lo = _key_value(prefix)
     hi = _key_value(prefix + (NB << SHIFT))
-    row_ptr = logits_ptr + row * stride
+    row_ptr = _logits_at(logits_ptr, addr_ptr, INDIRECT) + row * stride
     lanes = tl.arange(0, BLOCK)
     start = c * chunk
     end = tl.minimum(start + chunk, vocab)
@@ -484,6 +500,7 @@ def _final_kernel(
     out_stride,
     U_COL,
     MINP_COL,
+    addr_ptr,
     ROUNDS: tl.constexpr,
     BITS: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -491,6 +508,7 @@ def _final_kernel(
     SPLIT_P2: tl.constexpr,
     EXACT_EXP: tl.constexpr,
     NBS: tl.constexpr = 16,
+    INDIRECT: tl.constexpr = False,
 ):
     """One program per row, after the last pass (``BITS``: its bits)."""
     i = tl.program_id(0)
@@ -532,7 +550,7 @@ def _final_kernel(
         token = tl.sum(token, axis=0)
         jj = j - before
         if jj > 0:  # past the first tied token of that slice: count them in id order
-            row_ptr = logits_ptr + row * stride
+            row_ptr = _logits_at(logits_ptr, addr_ptr, INDIRECT) + row * stride
             lanes = tl.arange(0, BLOCK)
             start = holder * chunk
             end = tl.minimum(start + chunk, vocab)
@@ -568,9 +586,11 @@ def _stats_kernel(
     t_ptr,
     part_ptr,
     cnt_ptr,
+    addr_ptr,
     SPLIT: tl.constexpr,
     CHUNK: tl.constexpr,
     EXACT_EXP: tl.constexpr,
+    INDIRECT: tl.constexpr = False,
 ):
     """Row statistics, one slice of ``CHUNK`` ids per program, held in
     registers (the slice is read once): the slice's maximum m_c and, relative
@@ -579,9 +599,8 @@ def _stats_kernel(
     i = tl.program_id(0)
     c = tl.program_id(1)
     offs = c * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(logits_ptr + i * stride + offs, mask=offs < vocab, other=float("-inf")).to(
-        tl.float32
-    )
+    row_ptr = _logits_at(logits_ptr, addr_ptr, INDIRECT) + i * stride
+    x = tl.load(row_ptr + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
     nan = x != x
     finite = x > float("-inf")  # (NaN is not)
     m = tl.max(tl.where(nan, float("-inf"), x), axis=0)
@@ -771,16 +790,21 @@ def radix_begin(
     params: torch.Tensor,
     u_col: int,
     min_p_col: int,
+    addr: torch.Tensor | None = None,
 ) -> RadixSearch | None:
     """Allocate the search's scratch and queue its first pass, which reads no u
     (None when ``rows`` is empty). ``t``, ``lse`` (logsumexp of logits / t) and
     ``max_logit`` are float32 per row; ``params`` is a float64 block holding
     u (read by the later passes: write it before :func:`radix_end`) and min-p
-    in columns ``u_col`` and ``min_p_col``."""
+    in columns ``u_col`` and ``min_p_col``. ``addr``: a device int64 holding
+    the address the kernels read the logits from (of ``logits``' dtype and
+    strides, contiguous rows), in place of ``logits``' own."""
     n = rows.numel()
     if n == 0:
         return None
     if logits.stride(1) != 1:
+        if addr is not None:
+            raise ValueError("logits read through an address must have contiguous rows")
         logits = logits.contiguous()
     vocab = logits.shape[1]
     device = logits.device
@@ -813,9 +837,12 @@ def radix_begin(
         "SPLIT_P2": triton.next_power_of_2(split),
         "EXACT_EXP": not _INTERPRETED,
         "NBS": nbs,
+        "INDIRECT": addr is not None,
         "num_warps": WARPS,
     }
-    search = RadixSearch((*common, *scratch, u_col, min_p_col), shape, (n, split), schedule)
+    where = logits if addr is None else addr
+    args = (*common, *scratch, u_col, min_p_col, where)
+    search = RadixSearch(args, shape, (n, split), schedule)
     _launch_pass(search, 0)
     # the second pass on a guess (GUESS_SECOND) only where it is a wide pass
     # that writes no ids, and where its launch is cheap next to the work it
@@ -883,7 +910,7 @@ def radix_end(search: RadixSearch, token_ids: torch.Tensor, out: torch.Tensor) -
     for r in range(1, search.shape["ROUNDS"]):
         _launch_pass(search, r, phase=2 if search.guessed and r == 1 else 0)
     args = search.args
-    final_args = (*args[:-2], token_ids, out, out.stride(0), *args[-2:])
+    final_args = (*args[:-3], token_ids, out, out.stride(0), *args[-3:])
     consts = {"BITS": search.schedule[-1], **search.shape}
     _FINAL(_device_index(), (search.grid[0],), final_args, consts)
 
@@ -914,15 +941,18 @@ def select_radix_kernel(
 
 
 def row_stats_kernel(
-    logits: torch.Tensor, t: torch.Tensor
+    logits: torch.Tensor, t: torch.Tensor, addr: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`~qr_sampler.sampling.select.row_stats` with per-row temperatures
     ``t`` in two launches: each row's max, entropy at T = 1, finite count and
     logsumexp(logits / T), read once (rows of slices of :data:`STATS_CHUNK`
     ids, then one program per row rescales the slices' sums to the row's
     maximum). Equal to the torch statistics within float32 rounding (the sums'
-    order differs); the same in every run and every CUDA graph replay."""
+    order differs); the same in every run and every CUDA graph replay.
+    ``addr``: as for :func:`radix_begin`."""
     if logits.stride(1) != 1:
+        if addr is not None:
+            raise ValueError("logits read through an address must have contiguous rows")
         logits = logits.contiguous()
     n, vocab = logits.shape
     device = logits.device
@@ -939,7 +969,9 @@ def row_stats_kernel(
     exact = not _INTERPRETED
     index = _device_index()
     consts = {"SPLIT": split, "CHUNK": STATS_CHUNK, "EXACT_EXP": exact, "num_warps": STATS_WARPS}
-    _STATS(index, (n, split), (logits, logits.stride(0), vocab, t, part, cnt), consts)
+    consts["INDIRECT"] = addr is not None
+    where = logits if addr is None else addr
+    _STATS(index, (n, split), (logits, logits.stride(0), vocab, t, part, cnt, where), consts)
     merge = {"SPLIT": split, "SPLIT_P2": triton.next_power_of_2(split), "EXACT_EXP": exact}
     _STATS_MERGE(index, (n,), (part, cnt, t, m, entropy, finite, lse), {**merge, "num_warps": 1})
     return m, entropy, finite, lse
