@@ -381,7 +381,7 @@ def test_the_fetch_overlaps_the_u_independent_device_work() -> None:
 
 
 def test_the_settings_block_is_reused_only_for_the_same_rows() -> None:
-    """A step over the same row objects in the same order reuses the last
+    """A step over the same (or equal) rows in the same order reuses the last
     settings block object (a captured CUDA step then copies no settings);
     other rows, or the same rows reordered, get a new block with their own
     settings; a step leaves the block unchanged (u is never written into it)."""
@@ -391,6 +391,8 @@ def test_the_settings_block_is_reused_only_for_the_same_rows() -> None:
     b = RowState.of(SamplingConfig(top_k=5), "b")
     block = pipe._settings_block([a, b])
     assert pipe._settings_block([a, b]) is block
+    twin = RowState.of(SamplingConfig(fixed_temperature=0.5), "a")  # equal, not the same
+    assert twin is not a and pipe._settings_block((twin, b)) is block
     assert not block.flags.writeable
     swapped = pipe._settings_block([b, a])
     assert swapped is not block and np.array_equal(swapped, block[::-1])
@@ -402,3 +404,29 @@ def test_the_settings_block_is_reused_only_for_the_same_rows() -> None:
         pipe.sample(torch.randn(2, 64) * 3, [a, c])
     assert pipe._settings_block([a, c]) is other
     assert np.array_equal(other, before)
+
+
+def test_the_step_plan_is_reused_only_for_the_same_block_and_shape() -> None:
+    """The host's plan of a step (radix rows, head size, ...) is computed once
+    per settings block: the same block object, vocabulary, device and mode
+    give the last plan back; another block, another vocabulary or another
+    chunk setting give a new plan with their own values."""
+    settings = load_settings(env={}, env_file=None, entropy_source_type="mock_uniform")
+    pipe = SamplingPipeline(settings, source=MockUniformSource(seed=3), sink=RecordSink(None))
+    cpu = torch.device("cpu")
+    plain = RowState.of(SamplingConfig(), "plain")
+    top = RowState.of(SamplingConfig(top_k=5), "top")
+    block = pipe._settings_block([plain, top])
+    plan = pipe._plan(block, 1000, cpu, "torch")
+    assert plan.radix.tolist() == [True, False] and plan.use_radix and plan.use_head
+    assert plan.head_size == 1024 and plan.small and not plan.radix.flags.writeable
+    assert pipe._plan(block, 1000, cpu, "torch") is plan
+    wide = pipe._plan(block, 100_000, cpu, "torch")  # another vocabulary
+    assert wide is not plan and not wide.small and wide.head_now
+    assert pipe._plan(block, 1000, cpu, "off").radix.tolist() == [False, False]
+    only = pipe._settings_block([top])
+    solo = pipe._plan(only, 1000, cpu, "torch")
+    assert solo.radix.tolist() == [False] and not solo.use_radix and solo.head_size == 16
+    pipe.chunk = 8
+    assert pipe._plan(only, 1000, cpu, "torch") is not solo
+    assert pipe._plan(only, 1000, cpu, "torch").chunk == 8

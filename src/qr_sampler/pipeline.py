@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -163,6 +163,24 @@ class _Prepared:
     top: tuple[torch.Tensor, np.ndarray] | None = None
 
 
+class _Plan(NamedTuple):
+    """How one step runs, from its settings block alone (host, no sync)."""
+
+    fixed: bool  # no EDT row: fixed temperatures, known before the statistics
+    radix: np.ndarray  # rows the radix search serves (read-only)
+    use_radix: bool
+    use_head: bool
+    head_size: int
+    chunk: int
+    small: bool  # vocabulary too small for a head: full sort
+    head_now: bool  # the chunked head is built in prepare
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """The plan as a hashable key part (the radix rows as bytes)."""
+        return (self.fixed, self.radix.tobytes(), *self[2:])
+
+
 class SamplingPipeline:
     """Turns a logits batch into forced tokens with provenance records."""
 
@@ -201,6 +219,10 @@ class SamplingPipeline:
         self._graphed = False  # the last step replayed graphs (see sample)
         self._block_rows: list[RowState] = []  # the rows of the last settings block
         self._block = np.zeros((0, _NPARAMS))
+        # the last step's plan, its settings block and what else it depends on
+        self._last_plan: _Plan | None = None
+        self._plan_block = self._block
+        self._plan_key: tuple[object, ...] = ()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
         if settings.fused_kernels == "off":
@@ -262,17 +284,10 @@ class SamplingPipeline:
         the chunked head. :meth:`sample` runs it while the entropy is fetched."""
         block = self._settings_block(rows)
         device = logits.device
-        # no EDT row: the temperatures are known now and one pass gives every statistic
-        fixed = not block[:, _EDT].any()
         mode = self._radix_mode(device)
         vocab = logits.shape[-1]
-        radix = _radix_rows(block, vocab) if mode != "off" else np.zeros(len(rows), bool)
-        use_radix, use_head = bool(radix.any()), not bool(radix.all())
-        head_size = _head_for(block, self.head_size)
-        chunk = self.chunk or (4 if device.type == "cpu" else DEFAULT_CHUNK)
-        n_full = vocab // chunk
-        small = n_full == 0 or n_full + (1 if vocab % chunk else 0) <= head_size
-        head_now = use_head and not small
+        plan = self._plan(block, vocab, device, mode)
+        fixed, radix, use_radix, use_head, head_size, chunk, small, head_now = plan
 
         def replay(graph: StepGraph) -> _Prepared:  # this step's inputs in, then replay
             sub = graph.run_prepare(logits, row_index, block)
@@ -282,8 +297,7 @@ class SamplingPipeline:
 
         graph_key: tuple[object, ...] | None = None
         if device.type == "cuda" and self.graphs.enabled:
-            graph_key = (logits.dtype, device, vocab, row_index is None, fixed, radix.tobytes())
-            graph_key += (mode, use_head, use_radix, small, head_size, chunk, head_now)
+            graph_key = (logits.dtype, row_index is None, self._plan_key, plan.key)
             graph = self.graphs.get(graph_key)
             if graph is not None:
                 return replay(graph)
@@ -359,15 +373,39 @@ class SamplingPipeline:
 
     def _settings_block(self, rows: Sequence[RowState]) -> np.ndarray:
         """The rows' settings as a float64 block (read-only); the last step's
-        block object itself when the rows are the same objects in the same
-        order (a steady decode batch: a captured step then copies no settings)."""
+        block object itself when the rows equal the last step's, in the same
+        order (a steady decode batch: a captured step then copies no settings).
+        Equal rows hold equal settings; the adapter's are the same objects,
+        which the list comparison matches by identity, in C."""
         last = self._block_rows
-        if len(last) == len(rows) and all(a is b for a, b in zip(last, rows, strict=True)):
+        if len(last) == len(rows) and last == list(rows):
             return self._block
         block = np.array([r.params for r in rows], dtype=np.float64).reshape(len(rows), _NPARAMS)
         block.flags.writeable = False
         self._block_rows, self._block = list(rows), block
         return block
+
+    def _plan(self, block: np.ndarray, vocab: int, device: torch.device, mode: str) -> _Plan:
+        """How a step over the settings ``block`` runs (see :class:`_Plan`);
+        the last step's plan when the block is the same object (read-only:
+        see :meth:`_settings_block`) and nothing else it depends on changed."""
+        chunk = self.chunk or (4 if device.type == "cpu" else DEFAULT_CHUNK)
+        key = (vocab, device, mode, self.head_size, chunk)
+        last = self._last_plan
+        if last is not None and block is self._plan_block and key == self._plan_key:
+            return last
+        # no EDT row: the temperatures are known now and one pass gives every statistic
+        fixed = not block[:, _EDT].any()
+        radix = _radix_rows(block, vocab) if mode != "off" else np.zeros(len(block), bool)
+        radix.flags.writeable = False
+        use_radix, use_head = bool(radix.any()), not bool(radix.all())
+        head_size = _head_for(block, self.head_size)
+        n_full = vocab // chunk
+        small = n_full == 0 or n_full + (1 if vocab % chunk else 0) <= head_size
+        flags = (fixed, radix, use_radix, use_head, head_size, chunk, small, use_head and not small)
+        plan = _Plan(*flags)
+        self._last_plan, self._plan_block, self._plan_key = plan, block, key
+        return plan
 
     def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
