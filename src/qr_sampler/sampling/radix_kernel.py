@@ -77,14 +77,7 @@ from qr_sampler.sampling.select import Selection, SelectionParams, effective_tem
 #: with 4 bits a pass, 797 / 275 µs with this schedule; 2 bits up to the
 #: compacting pass 855 / 293, 3,3,2 then 4-bit passes 924 / 305). Used inside
 #: a CUDA graph's capture, and eagerly from :data:`HOST_BOUND_ROWS` rows on
-SCHEDULE: tuple[int, ...] = (3, 1, 4, 4, 4, 4, 4, 4, 4, 4)
-#: the first pass of :data:`SCHEDULE` cuts the values instead (see
-#: :data:`VALUE_DISTANCES`)
-VALUE_FIRST = True
-#: a value pass's edges, as distances below the row's largest x (ascending
-#: edges 1 to 7; edge 0 is -inf): where the mass of peaked and of flat rows
-#: lies, so that the bucket holding U usually holds few of the row's tokens
-VALUE_DISTANCES = (6.0, 4.0, 3.0, 2.0, 1.5, 1.0, 0.5)
+SCHEDULE: tuple[int, ...] = (3, 3, 2, 2, 2, 4, 4, 4, 4, 4)
 #: ... and below that, eagerly: the fewest passes (each launch costs the host
 #: ~65 µs against a few tens of µs of GPU time at those batches)
 FEW_PASSES: tuple[int, ...] = (4, 4, 4, 4, 4, 4, 4, 4)
@@ -185,61 +178,6 @@ def _key_value(key):
     x = bits.to(tl.int32).to(tl.float32, bitcast=True)
     x = tl.where(key <= _KEY_NEG_INF, float("-inf"), x)
     return tl.where(key > _KEY_FLT_MAX, float("inf"), x)
-
-
-@triton.jit
-def _key_of(x):
-    """The order-preserving key (int64) of the float32 ``x`` (the inverse of
-    :func:`_key_value` on floats)."""
-    bits = x.to(tl.int32, bitcast=True)
-    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    return bits.to(tl.int64) + _SIGN
-
-
-@triton.jit
-def _bit_length(n):
-    """Bits of the int64 ``n`` (0 for n <= 0; n < 2**53): through float64's
-    exponent, exact there."""
-    f = tl.maximum(n, 1).to(tl.float64)
-    e = (f.to(tl.int64, bitcast=True) >> 52) - 1022
-    return tl.where(n > 0, e, 0)
-
-
-@triton.jit
-def _value_edge(x_max, k):
-    """Edge ``k`` (1 to 7) of a value pass: x_max minus :data:`VALUE_DISTANCES`
-    [k - 1], in float32."""
-    d = tl.where(k == 1, 6.0, tl.where(k == 2, 4.0, tl.where(k == 3, 3.0, 2.0)))
-    d = tl.where(
-        k >= 4, tl.where(k == 4, 2.0, tl.where(k == 5, 1.5, tl.where(k == 6, 1.0, 0.5))), d
-    )
-    return x_max - d
-
-
-@triton.jit
-def _range_of(
-    pref_ptr, rng_ptr, max_ptr, row, t, i, n, R, pick, PBITS: tl.constexpr, VALUE: tl.constexpr
-):
-    """The key range [lo, hi) of the bucket ``pick`` chosen after pass ``R``
-    (``PBITS``: that pass's bits), and w with hi - lo <= 2**w. After a value
-    pass (``VALUE``), the bucket between two of its edges (w: the bits of its
-    width); else the pass's range cut into 2**PBITS buckets of 2**(w - PBITS)
-    keys (single keys once w <= PBITS), the last one cut at the range's end."""
-    if VALUE:
-        x_max = tl.div_rn(tl.load(max_ptr + row), t)
-        top = (1 << PBITS) - 1
-        lo = tl.where(pick == 0, 0, _key_of(_value_edge(x_max, tl.maximum(pick, 1))))
-        hi = tl.where(pick >= top, 1 << 32, _key_of(_value_edge(x_max, tl.minimum(pick + 1, top))))
-        hi = tl.maximum(hi, lo + 1)
-        w = _bit_length(hi - lo - 1)
-    else:
-        lo0 = tl.load(pref_ptr + R * n + i)
-        hi0 = tl.load(rng_ptr + (R * n + i) * 2)
-        w0 = tl.load(rng_ptr + (R * n + i) * 2 + 1)
-        w = tl.maximum(w0 - PBITS, 0)
-        lo = lo0 + (pick << w)
-        hi = tl.minimum(hi0, lo + (tl.full([], 1, tl.int64) << w))
-    return lo, hi, w
 
 
 @triton.jit
@@ -384,7 +322,6 @@ def _pass_kernel(
     n,
     chunk,
     cap,
-    rng_ptr,
     U_COL,
     MINP_COL,
     addr_ptr,
@@ -398,15 +335,13 @@ def _pass_kernel(
     WIDE: tl.constexpr,
     COMPACT: tl.constexpr,
     PHASE: tl.constexpr = 0,
-    VALUE: tl.constexpr = False,
+    SHIFT: tl.constexpr = 28,
     PBITS: tl.constexpr = 4,
     NBS: tl.constexpr = 16,
     INDIRECT: tl.constexpr = False,
 ):
-    """Pass ``R`` of the search: its range, the bucket chosen after pass R - 1
-    (``PBITS``: that pass's bits; see :func:`_range_of`), cut into 2**BITS
-    buckets; with ``VALUE``, pass 0 cuts the values at distances below the
-    row's largest x instead. ``PHASE`` 1 runs it on a guess of the bucket
+    """Pass ``R`` of the search, over ``BITS`` bits of the key below ``SHIFT``
+    (``PBITS``: the pass before's bits); ``PHASE`` 1 runs it on a guess of the bucket
     chosen after pass R - 1 (the one holding the most mass: no u read), and
     ``PHASE`` 2 re-runs it, once u is known, only for rows guessed wrong."""
     i = tl.program_id(0)
@@ -418,17 +353,13 @@ def _pass_kernel(
     PNB: tl.constexpr = 1 << PBITS
     bins = tl.arange(0, NB)
     if R == 0:
-        prefix = tl.zeros([], dtype=tl.int64)  # the range's first key
-        end = tl.full([], 1 << 32, tl.int64)  # ... and the key past its last
-        width = tl.full([], 32, tl.int64)  # end - prefix <= 2**width
+        prefix = tl.zeros([], dtype=tl.int64)
         above = tl.zeros([], dtype=tl.float64)
     else:
-        _t, _u, pick, _prev, above = _choose(
+        _t, _u, pick, prev, above = _choose(
             part_ptr, above_ptr, pref_ptr, i, n, R - 1, SPLIT, SPLIT_P2, PNB, NBS, u, PHASE == 1
         )
-        prefix, end, width = _range_of(
-            pref_ptr, rng_ptr, max_ptr, row, t, i, n, R - 1, pick, PBITS, VALUE and R == 1
-        )
+        prefix = prev + (pick << (SHIFT + BITS))
     redo = c >= 0  # this program writes its results: always, but in phase 2
     guessed = pref_ptr + ROUNDS * n + i  # the prefix phase 1 guessed (phase 2 never writes it)
     if PHASE == 2:
@@ -438,18 +369,12 @@ def _pass_kernel(
     writer = tl.where(redo, 0, -1)  # the program that stores the row's values
     # every program of the row computed the same values; one writes them
     tl.store(pref_ptr + R * n + i, prefix, mask=c == writer)
-    tl.store(rng_ptr + (R * n + i) * 2, end, mask=c == writer)
-    tl.store(rng_ptr + (R * n + i) * 2 + 1, width, mask=c == writer)
     tl.store(above_ptr + R * n + i, above, mask=c == writer)
     if PHASE == 1:
         tl.store(guessed, prefix, mask=c == 0)
-    if VALUE and R == 0:
-        x_max = tl.div_rn(tl.load(max_ptr + row), t)
-        edges = tl.where(bins == 0, float("-inf"), _value_edge(x_max, tl.maximum(bins, 1)))
-    else:
-        edges = _key_value(prefix + (bins.to(tl.int64) << tl.maximum(width - BITS, 0)))  # [NB]
+    edges = _key_value(prefix + (bins.to(tl.int64) << SHIFT))  # [NB]
     lo = _key_value(prefix)
-    hi = _key_value(end)
+    hi = _key_value(prefix + (NB << SHIFT))
     row_ptr = _logits_at(logits_ptr, addr_ptr, INDIRECT) + row * stride
     lanes = tl.arange(0, BLOCK)
     start = c * chunk
@@ -570,7 +495,6 @@ def _final_kernel(
     n,
     chunk,
     cap,
-    rng_ptr,
     token_ptr,
     out_ptr,
     out_stride,
@@ -599,8 +523,7 @@ def _final_kernel(
         total, target, pick, prefix, over_mass = _choose(
             part_ptr, above_ptr, pref_ptr, i, n, ROUNDS - 1, SPLIT, SPLIT_P2, NB, NBS, u
         )
-        # the last pass's buckets are single keys (its width at most its bits)
-        star = prefix + pick
+        star = prefix + pick  # the last pass's buckets are single keys
         x_star = _key_value(star)
         p_star = _exp(x_star - lse, EXACT_EXP).to(tl.float64)
         progs = tl.arange(0, SPLIT_P2)
@@ -849,14 +772,12 @@ class RadixSearch:
         shape: dict[str, Any],
         grid: tuple[int, int],
         schedule: tuple[int, ...],
-        value: bool = False,
     ) -> None:
         self.args = args  # every pass's arguments (the logits and the scratch among them)
         self.shape = shape  # the kernels' compile-time constants common to every launch
         self.grid = grid  # (rows, programs per row)
         self.schedule = schedule  # bits of the key decided by each pass
-        self.value = value  # the first pass cuts values below the row's largest
-        self.compact = _compact_pass(schedule, value)  # the pass that writes its range's ids
+        self.compact = _compact_pass(schedule)  # the pass that writes its range's ids
         self.guessed = False  # whether the second pass was queued on a guess
 
 
@@ -889,14 +810,13 @@ def radix_begin(
     device = logits.device
     split, chunk = _split(n, vocab, device)
     host_bound = _host_bound(n, logits)
-    schedule, value = _schedule(host_bound)
+    schedule = _schedule(host_bound)
     rounds = len(schedule)
     nbs = 1 << max(schedule)
     nb = 1 << schedule[-1]  # the last pass's buckets (single keys)
     part = torch.empty(rounds, n, split, nbs, dtype=torch.float64, device=device)
     above = torch.empty(rounds, n, dtype=torch.float64, device=device)
     pref = torch.empty(rounds + 1, n, dtype=torch.int64, device=device)  # + the guessed one
-    rng = torch.empty(rounds, n, 2, dtype=torch.int64, device=device)  # each range's end, width
     cnt = torch.empty(n, split, nb, dtype=torch.int32, device=device)
     low = torch.empty(n, split, nb, dtype=torch.int32, device=device)
     acnt = torch.empty(n, split, dtype=torch.int32, device=device)
@@ -909,7 +829,7 @@ def radix_begin(
     cover = torch.empty(n, split, dtype=torch.int32, device=device)
     t, lse, max_logit = (v.float().contiguous() for v in (t, lse, max_logit))
     common = (logits, logits.stride(0), vocab, rows, t, lse, max_logit, params, params.stride(0))
-    scratch = (part, above, pref, cnt, low, acnt, kcnt, cid, ccnt, cover, n, chunk, cap, rng)
+    scratch = (part, above, pref, cnt, low, acnt, kcnt, cid, ccnt, cover, n, chunk, cap)
     shape = {
         "ROUNDS": rounds,
         "BLOCK": BLOCK,
@@ -922,7 +842,7 @@ def radix_begin(
     }
     where = logits if addr is None else addr
     args = (*common, *scratch, u_col, min_p_col, where)
-    search = RadixSearch(args, shape, (n, split), schedule, value)
+    search = RadixSearch(args, shape, (n, split), schedule)
     _launch_pass(search, 0)
     # the second pass on a guess (GUESS_SECOND) only where it is a wide pass
     # that writes no ids, and where its launch is cheap next to the work it
@@ -939,31 +859,19 @@ def _device_index() -> int:
     return index
 
 
-def _schedule(host_bound: bool) -> tuple[tuple[int, ...], bool]:
-    """:data:`SCHEDULE` (its first pass over values where :data:`VALUE_FIRST`),
-    or :data:`FEW_PASSES` for a host-bound search (key bits only); checked."""
+def _schedule(host_bound: bool) -> tuple[int, ...]:
+    """:data:`SCHEDULE`, or :data:`FEW_PASSES` for a host-bound search; checked."""
     schedule = tuple(FEW_PASSES if host_bound else SCHEDULE)
-    value = VALUE_FIRST and not host_bound
-    keys = schedule[1:] if value else schedule
-    ok = all(1 <= b <= 4 for b in schedule) and len(schedule) >= 3
-    if value and (schedule[0] != 3 or sum(keys) < 32):
-        raise ValueError(
-            "radix schedule after a value pass: a first pass of 3 bits (8 value buckets),"
-            f" then passes of 1 to 4 bits, 32 bits or more in all; got {schedule}"
-        )
-    if not ok or (not value and sum(schedule) != 32):
+    if sum(schedule) != 32 or not all(1 <= b <= 4 for b in schedule) or len(schedule) < 3:
         raise ValueError(
             f"radix schedule: 3 or more passes of 1 to 4 bits, 32 bits in all; got {schedule}"
         )
-    return schedule, value
+    return schedule
 
 
-def _compact_pass(schedule: tuple[int, ...], value: bool = False) -> int:
-    """The pass that writes its range's ids: the one after a value pass, else
-    the first with :data:`COMPACT_BITS` decided before it, and at the latest
-    the one before the last."""
-    if value:
-        return 1
+def _compact_pass(schedule: tuple[int, ...]) -> int:
+    """The pass that writes its range's ids: the first with :data:`COMPACT_BITS`
+    decided before it, and at the latest the one before the last."""
     decided = 0
     for r, bits in enumerate(schedule):
         if decided >= COMPACT_BITS:
@@ -987,7 +895,7 @@ def _launch_pass(search: RadixSearch, r: int, phase: int = 0) -> None:
         "COMPACT": search.compact,
         "PHASE": phase,
         "BITS": schedule[r],
-        "VALUE": search.value,
+        "SHIFT": 32 - sum(schedule[: r + 1]),
         "PBITS": schedule[r - 1] if r else schedule[0],
     }
     consts.update(search.shape)
