@@ -694,13 +694,18 @@ for dtype in (torch.float32, torch.bfloat16):
     m, ent, fin, lse = (v.cpu() for v in rk.row_stats_kernel(xs.to(dev), t.to(dev)))
     ref = row_stats(xs, t, fused=False)
     lse64 = torch.logsumexp(xs.double() / t.double().unsqueeze(1), dim=-1)
+    # the entropy against float64: torch's float32 one on the CPU was seen to
+    # differ by ~3e-5 (rows with -inf) in one fresh process of about fifteen
+    p64 = torch.softmax(xs.double(), dim=-1)
+    ent64 = -torch.special.xlogy(p64, p64).sum(dim=-1)
     for i in range(x.shape[0]):
         out["checked"] += 1
         a, b = m[i], ref.max_logit[i]
+        h = ref.entropy[i] if bool(ref.entropy[i].isnan()) else ent64[i]
         out["same"] += int(
             bool(a == b or (a.isnan() and b.isnan()))
             and int(fin[i]) == int(ref.num_finite[i])
-            and close(ent[i], ref.entropy[i])
+            and close(ent[i], h)
             and close(lse[i], ref.lse[i])
         )
         if torch.isfinite(ref.lse[i]):
@@ -734,9 +739,10 @@ print(json.dumps(out))
 def test_row_stats_kernel_matches_torch_statistics() -> None:
     """The Triton row statistics (the pipeline's on CUDA at fixed temperatures;
     in a child process, by Triton's CPU interpreter in CI) give torch's
-    maxima and finite counts exactly and its entropy and logsumexp to float32
-    rounding, for float32 and bf16 rows with NaN, +inf, all -inf, whole
-    slices of -inf, flat and peaked rows, read through a row stride; their
+    maxima and finite counts exactly, its logsumexp to float32 rounding and
+    the float64 entropy to float32 rounding, for float32 and bf16 rows with
+    NaN, +inf, all -inf, whole slices of -inf, flat and peaked rows, read
+    through a row stride; their
     logsumexp within 1e-5 of float64's where finite. Read through an address
     held on the device (as a captured CUDA step does), the statistics and a
     radix search give what they give from the logits themselves."""
