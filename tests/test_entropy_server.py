@@ -94,6 +94,29 @@ def test_generates_on_request_and_stamps_each_reply() -> None:
             assert [n for n, _ in gen.calls] == [321, 5, 7, 1000, 1000, 500]
 
 
+def test_a_reply_is_stamped_when_its_bytes_were_generated() -> None:
+    """The generation timestamp is taken as the generator returns, before the
+    server's health tests of those bytes run (their start is recorded by
+    wrapping the real monitor's check: the tests themselves run unchanged)."""
+    gen = Recorder()
+    with entropy_server(gen) as server:
+        assert server.monitor is not None  # health tests on by default
+        checked: list[int] = []
+        real = server.monitor.check
+
+        def check(data: bytes | memoryview) -> str | None:
+            checked.append(time.time_ns())
+            return real(data)
+
+        server.monitor.check = check  # type: ignore[method-assign]
+        channel, s = stub(server.address)
+        with channel:
+            for n in (20_480, 64):
+                reply = s.GetEntropy(entropy_pb2.EntropyRequest(bytes_needed=n, sequence_id=1))
+                assert len(reply.data) == n
+                assert gen.calls[-1][1] <= reply.generation_timestamp_ns <= checked[-1]
+
+
 def test_limits_have_clear_messages() -> None:
     with entropy_server(max_bytes=1000, max_streams=2) as server:
         channel, s = stub(server.address)

@@ -298,8 +298,10 @@ class EntropyServer:
 
     async def _bytes(
         self, n: int, context: grpc.aio.ServicerContext[Any, Any], sender: _Sender | None = None
-    ) -> bytes:
-        """Generate ``n`` bytes now, check them, or abort the call."""
+    ) -> tuple[bytes, int]:
+        """Generate ``n`` bytes now, check them, or abort the call; the bytes
+        and when they were generated (epoch ns, taken as the generator
+        returned: before the size check and the health tests)."""
         data: Any  # checked below: whatever generate returned
         try:
             if self._inline:
@@ -315,6 +317,7 @@ class EntropyServer:
                 context, sender, grpc.StatusCode.UNAVAILABLE, f"entropy device error: {exc}"
             )
             raise  # unreachable: abort raises
+        stamp = time.time_ns()
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != n:
             size = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else "no"
             self._count("failed:device")
@@ -343,7 +346,7 @@ class EntropyServer:
                 self._tests_ok = True
                 await self._publish()
         self._count("bytes", n)
-        return out
+        return out, stamp
 
     async def _response(
         self,
@@ -352,11 +355,11 @@ class EntropyServer:
         context: grpc.aio.ServicerContext[Any, Any],
         sender: _Sender | None = None,
     ) -> Any:
-        data = await self._bytes(n, context, sender)
+        data, stamp = await self._bytes(n, context, sender)
         return _Response(
             data=data,
             sequence_id=seq,
-            generation_timestamp_ns=time.time_ns(),
+            generation_timestamp_ns=stamp,
             device_id=self.device_id,
         )
 
