@@ -7,6 +7,7 @@ bytes, and every provenance field for presence and consistency."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import torch
 from scipy import stats
 from support_sampling import grid_logits, ref_select
 
+from qr_sampler import pipeline
 from qr_sampler.config import QRSettings, SamplingConfig, load_settings, parse_request_options
 from qr_sampler.entropy import registry
 from qr_sampler.entropy.base import EntropyChunk, EntropySource
@@ -276,6 +278,36 @@ def test_error_mode_forces_eos_and_marks_failed(tmp_path: Path) -> None:
     assert len(lines) == 3
     first = json.loads(lines[0])  # strict JSON: NaN is written as null
     assert first["u"] is None and first["failed"] is True
+
+
+@pytest.mark.usefixtures("dead_source")
+def test_error_mode_logs_a_dead_source_once_then_at_most_every_few_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A source that fails every step gives one ERROR line, not one per step;
+    the next comes once ERROR_LOG_EVERY_S have passed and counts the failed
+    steps it did not report. Every step's records still say it failed."""
+    settings = _settings(entropy_source_type="dead_device", fallback_mode="error")
+    pipe = SamplingPipeline(settings, eos_token_id=2)
+    rows = [RowState.of(settings.sampling())] * 2
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+    with caplog.at_level(logging.ERROR, logger="qr_sampler"):
+        for _ in range(4):
+            result = pipe.sample(torch.randn(2, 16), rows)
+            assert all(rec.failed for rec in result.records)
+        assert len(errors()) == 1 and "forcing EOS" in errors()[0]
+        assert "more failed" not in errors()[0]
+        assert pipe._error_logged_at is not None
+        pipe._error_logged_at -= pipeline.ERROR_LOG_EVERY_S + 1  # as if that long ago
+        pipe.sample(torch.randn(2, 16), rows)
+        assert len(errors()) == 2
+        assert "(3 more failed step(s) since the last message)" in errors()[1]
+        pipe.sample(torch.randn(2, 16), rows)
+        assert len(errors()) == 2
+    pipe.close()
 
 
 # ---------------------------------------------------------------------------

@@ -225,6 +225,9 @@ class SamplingPipeline:
         self._plan_key: tuple[object, ...] = ()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
+        # error mode's log: when the last ERROR line went out, steps failed since
+        self._error_logged_at: float | None = None
+        self._errors_unlogged = 0
         if settings.fused_kernels == "off":
             set_fused_kernels(False)
         elif settings.fused_kernels == "on":
@@ -242,7 +245,7 @@ class SamplingPipeline:
         except EntropyError as exc:
             chunks = [None] * n
             error = f"{exc.reason}: {exc}"[:200]
-            logger.error("no entropy for %d row(s) in error mode: %s; forcing EOS", n, error)
+            self._log_failed_step(n, error)
         latency = time.perf_counter_ns() - start
         failed = np.array([c is None for c in chunks], dtype=bool)
         if failed.all():
@@ -255,6 +258,20 @@ class SamplingPipeline:
             epsilon=np.array([r.config.uniform_clamp_epsilon for r in rows]),
         )
         return Draw(chunks, amp.sample_mean, amp.z, amp.u, failed, latency, error)
+
+    def _log_failed_step(self, n: int, error: str) -> None:
+        """One ERROR line for a step without entropy (error mode), then at most
+        one every :data:`ERROR_LOG_EVERY_S` seconds, counting the failed steps
+        in between: a dead source fails every step, and its records say so."""
+        now = time.monotonic()
+        last = self._error_logged_at
+        if last is not None and now - last < ERROR_LOG_EVERY_S:
+            self._errors_unlogged += 1
+            return
+        more = self._errors_unlogged
+        since = f" ({more} more failed step(s) since the last message)" if more else ""
+        logger.error("no entropy for %d row(s) in error mode: %s; forcing EOS%s", n, error, since)
+        self._error_logged_at, self._errors_unlogged = now, 0
 
     # -- stage 4-7: selection on the device ----------------------------------
     def choose(
@@ -631,6 +648,10 @@ class SamplingPipeline:
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
 #: whether the Triton radix kernel imports here (decided on first use)
 _RADIX_KERNEL: dict[str, bool | None] = {"ok": None}
+#: error mode: after an ERROR line for a step without entropy, the next one
+#: comes at the earliest this many seconds later (with the count in between)
+ERROR_LOG_EVERY_S = 10.0
+
 #: whether the Triton row statistics still run (off after their first failure)
 _STATS_KERNEL: dict[str, bool] = {"ok": True}
 
