@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 import weakref
@@ -356,7 +357,8 @@ class RecordSink:
         if fh is not None:
             try:
                 fh.flush()
-                if self._fsync_on_close:
+                # a pipe or a character device has nothing to sync (EINVAL)
+                if self._fsync_on_close and stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
                     os.fsync(fh.fileno())
             except OSError as exc:
                 logger.error("records: final flush of %s failed: %s", self.path, exc)
