@@ -330,7 +330,8 @@ class SamplingPipeline:
             )
 
         # fixed temperatures on CUDA with Triton: the row statistics in its kernels
-        kernel_stats = fixed and mode == "kernel" and device.type == "cuda"
+        # (not after they failed once: then no graph reads through an address)
+        kernel_stats = fixed and mode == "kernel" and device.type == "cuda" and _STATS_KERNEL["ok"]
         # ... and every row in the radix search: only Triton kernels read the
         # logits, so a captured step can read them where the caller has them
         indirect = kernel_stats and row_index is None and use_radix and not use_head

@@ -802,10 +802,7 @@ def radix_begin(
     n = rows.numel()
     if n == 0:
         return None
-    if logits.stride(1) != 1:
-        if addr is not None:
-            raise ValueError("logits read through an address must have contiguous rows")
-        logits = logits.contiguous()
+    logits = _contiguous_rows(logits, addr)
     vocab = logits.shape[1]
     device = logits.device
     split, chunk = _split(n, vocab, device)
@@ -851,6 +848,16 @@ def radix_begin(
         _launch_pass(search, 1, phase=1)
         search.guessed = True
     return search
+
+
+def _contiguous_rows(logits: torch.Tensor, addr: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with contiguous rows (a copy where they are not); logits read
+    through an address (``addr``) must have them already."""
+    if logits.stride(1) == 1:
+        return logits
+    if addr is not None:
+        raise ValueError("logits read through an address must have contiguous rows")
+    return logits.contiguous()
 
 
 def _device_index() -> int:
@@ -950,10 +957,7 @@ def row_stats_kernel(
     maximum). Equal to the torch statistics within float32 rounding (the sums'
     order differs); the same in every run and every CUDA graph replay.
     ``addr``: as for :func:`radix_begin`."""
-    if logits.stride(1) != 1:
-        if addr is not None:
-            raise ValueError("logits read through an address must have contiguous rows")
-        logits = logits.contiguous()
+    logits = _contiguous_rows(logits, addr)
     n, vocab = logits.shape
     device = logits.device
     split = max(1, -(-vocab // STATS_CHUNK))
