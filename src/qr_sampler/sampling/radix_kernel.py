@@ -88,8 +88,15 @@ COMPACT_BITS = 8
 BLOCK = 128
 #: warps per program (one: a block's reductions stay inside the warp)
 WARPS = 1
-#: aim for about this many programs per streaming multiprocessor in a pass
-PROGRAMS_PER_SM = 32
+#: programs per streaming multiprocessor in one wave of a wide pass: its
+#: kernels take 117-118 registers a lane, so about 17 one-warp programs fit an
+#: SM at once (was 32, which made batch 64's wide passes two waves)
+PROGRAMS_PER_SM = 16
+#: ... and at least this many programs per row on a GPU: at batch 256 more,
+#: shorter slices beat one wave (search, graph-captured, randn*3 logits on an
+#: H200: 16 programs a row 749 µs, 24 727 µs, 33 718 µs; at batch 64, 64
+#: programs a row 254 µs, 49 243 µs, 33 219 µs, 24 225 µs)
+ROW_PROGRAMS = 32
 #: at most this many programs per row
 MAX_SPLIT = 64
 #: a program keeps at most 1 / COMPACT_SHARE of its slice's ids; a program with
@@ -107,9 +114,9 @@ GUESS_SECOND = True
 #: ... in a CUDA graph, or eagerly from this many rows on: an eager search of
 #: fewer rows is bound by its launches' host time (no guess, :data:`FEW_PASSES`)
 HOST_BOUND_ROWS = 128
-#: slices of at most this many ids (at vocab 151,936 on a GPU of 132 SMs,
-#: every batch up to 844 rows) hold them as int16 offsets, else int32: the
-#: half-row list then takes the memory a quarter-row list of int32 took
+#: slices of at most this many ids (on a GPU, every vocabulary up to
+#: ROW_PROGRAMS * 32,768 ids, at any batch) hold them as int16 offsets, else
+#: int32: the half-row list then takes the memory a quarter-row list of int32 took
 SHORT_IDS_MAX = 32_768
 #: logits per program of the row statistics (:func:`row_stats_kernel`), held
 #: in registers: the row is read once
@@ -666,16 +673,17 @@ def _stats_merge_kernel(
 
 
 def _split(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
-    """Programs per row and ids per program: enough programs to fill the GPU
-    once, and no more (rounded down: a program over that count makes a
-    second wave, which the passes after the wide ones, bound by their
-    programs' latency, pay in full: 1,046 against 1,018 µs for a search at
-    batch 256 on an H200, 17 against 16 programs per row)."""
+    """Programs per row and ids per program: on a GPU, enough programs to fill
+    it once in a wide pass (rounded down: a program over that count makes a
+    second wave), but at least :data:`ROW_PROGRAMS` a row; at most
+    :data:`MAX_SPLIT`. In Triton's interpreter (the tests), 128 programs
+    shared by the rows."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
+        least = ROW_PROGRAMS
     else:
-        sms = 4
-    split = max(1, min(MAX_SPLIT, sms * PROGRAMS_PER_SM // max(rows, 1)))
+        sms, least = 8, 1
+    split = max(least, min(MAX_SPLIT, sms * PROGRAMS_PER_SM // max(rows, 1)))
     chunk = -(-vocab // split)
     chunk = -(-chunk // BLOCK) * BLOCK
     return -(-vocab // chunk), chunk
