@@ -1013,7 +1013,9 @@ def force_rows(logits: torch.Tensor, rows: torch.Tensor | None, token_ids: torch
     forced row of ``logits`` (contiguous rows; ``rows[i]``, or row ``i`` where
     ``rows`` is None) becomes 0 at ``token_ids[i]`` and -inf elsewhere. The
     torch ops take two launches (a fill and a scatter), each of which cost
-    this machine's host ~20-30 µs a step."""
+    the host ~20-30 µs in a graphed step on an H200 lease. A token outside
+    [0, vocab) is not checked (that would take a sync): its row is left all
+    -inf, where torch's scatter would fail."""
     if logits.stride(1) != 1:
         raise ValueError("force_rows needs rows of contiguous logits")
     n = token_ids.numel()
