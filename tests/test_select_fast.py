@@ -790,6 +790,28 @@ def test_force_kernel_matches_torch_forcing() -> None:
     assert out == {"cases": 6, "same": 6, "changed": 6}, out
 
 
+def test_radix_split_fills_one_wave_with_at_least_32_programs_a_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The search's launch shape on a GPU of 132 SMs (its properties faked:
+    none in CI): 16 programs an SM in one wave, but at least 32 a row and at
+    most 64; the slices cover the row in whole blocks."""
+    from types import SimpleNamespace
+
+    from qr_sampler.sampling import radix_kernel as rk
+
+    props = SimpleNamespace(multi_processor_count=132)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    vocab = 151_936
+    got = {}
+    for rows in (1, 8, 33, 64, 128, 256, 1024):
+        split, chunk = rk._split(rows, vocab, torch.device("cuda"))
+        assert chunk % rk.BLOCK == 0 and (split - 1) * chunk < vocab <= split * chunk
+        got[rows] = split
+    # (64 programs of whole blocks cover the row in 63)
+    assert got == {1: 63, 8: 63, 33: 63, 64: 33, 128: 32, 256: 32, 1024: 32}
+
+
 def test_radix_kernel_equals_torch_search() -> None:
     """The Triton kernel (in a child process: compiled where a GPU exists, else
     run by Triton's CPU interpreter, as in CI) gives the torch radix search's
