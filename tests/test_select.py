@@ -352,3 +352,58 @@ def test_force_subset_leaves_other_rows_bit_identical() -> None:
         assert int(torch.isneginf(logits[r]).sum()) == 29
     for r in (1, 3, 4, 5, 6):
         assert logits[r].view(torch.int32).equal(before[r].view(torch.int32))
+
+
+def test_cpu_row_stats_where_exp_would_take_its_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the row statistics clamp x - max and (x - max) / T at
+    e^-87 before the exponential (torch's CPU exp is 10-30x slower below
+    that) and count -inf logits as 0 through a mask in blocks with many of
+    them. Against float64: maxima and finite counts exact, entropy and
+    logsumexp to float32 rounding, for masked rows, rows of one finite logit
+    (entropy 0), wide spreads at T < 1 and T > 1 (where a clamp before the
+    division would be wrong), float32 and bf16; the mask and the most
+    negative float (the other way, for blocks with few -inf) agree bit for
+    bit."""
+    from qr_sampler.sampling import select as sel
+
+    gen = torch.Generator().manual_seed(11)
+    vocab = 20_000
+    masked = torch.randn(4, vocab, generator=gen) * 3
+    masked[torch.rand(4, vocab, generator=gen) >= 0.02] = float("-inf")
+    single = torch.full((3, vocab), float("-inf"))
+    single[0, 7], single[1, 19_999], single[2, :3] = 1.0, -5.0, torch.tensor([1.0, 2.0, 3.0])
+    wide = torch.randn(4, vocab, generator=gen) * 40
+    mixed = torch.randn(3, vocab, generator=gen) * 12
+    mixed[0, :5] = float("-inf")
+    mixed[2] = float("-inf")  # a row of -inf only: NaN statistics
+    checked = 0
+    for rows in (masked, single, wide, mixed):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = rows.to(dtype)
+            x64 = x.double()
+            for temp in (0.25, 0.7, 1.0, 2.0, 10.0):
+                t = torch.full((x.shape[0],), temp)
+                got = []
+                for share in (0.0, 1.0):  # always the mask / never the mask
+                    monkeypatch.setattr(sel, "MASK_SHARE", share)
+                    got.append(sel.row_stats(x, t, fused=False))
+                for field in ("max_logit", "entropy", "num_finite", "lse"):
+                    a, b = getattr(got[0], field), getattr(got[1], field)
+                    assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)), (field, temp)
+                stats = got[0]
+                has = torch.isfinite(x64).any(dim=-1)
+                assert torch.equal(stats.max_logit, x.float().amax(dim=-1))
+                assert torch.equal(stats.num_finite, (x > float("-inf")).sum(dim=-1))
+                lse64 = torch.logsumexp(x64 / temp, dim=-1)
+                p64 = torch.softmax(x64, dim=-1)
+                ent64 = -torch.special.xlogy(p64, p64).sum(dim=-1)
+                assert stats.lse is not None
+                assert torch.isnan(stats.lse[~has]).all() and torch.isnan(stats.entropy[~has]).all()
+                lse_err = (stats.lse.double() - lse64)[has].abs()
+                assert bool((lse_err <= 2e-6 * lse64[has].abs() + 1e-5).all()), (temp, lse_err)
+                ent_err = (stats.entropy.double() - ent64)[has].abs()
+                assert bool((ent_err <= 1e-5 * ent64[has].abs() + 2e-5).all()), (temp, ent_err)
+                checked += 1
+    assert checked == 40
+    single_stats = sel.row_stats(single, torch.ones(3), fused=False)
+    assert single_stats.entropy[:2].tolist() == [0.0, 0.0]
