@@ -355,10 +355,10 @@ def test_force_subset_leaves_other_rows_bit_identical() -> None:
 
 
 def test_cpu_row_stats_where_exp_would_take_its_slow_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On the CPU the row statistics clamp x - max and (x - max) / T at
-    e^-87 before the exponential (torch's CPU exp is 10-30x slower below
-    that) and count -inf logits as 0 through a mask in blocks with many of
-    them. Against float64: maxima and finite counts exact, entropy and
+    """On the CPU the row statistics (and the log normaliser of EDT rows)
+    clamp x - max and (x - max) / T at e^-87 before the exponential (torch's
+    CPU exp is 10-30x slower below that) and count -inf logits as 0 through a
+    mask in blocks with many of them. Against float64: maxima and finite counts exact, entropy and
     logsumexp to float32 rounding, for masked rows, rows of one finite logit
     (entropy 0), wide spreads at T < 1 and T > 1 (where a clamp before the
     division would be wrong), float32 and bf16; the mask and the most
@@ -399,8 +399,12 @@ def test_cpu_row_stats_where_exp_would_take_its_slow_path(monkeypatch: pytest.Mo
                 ent64 = -torch.special.xlogy(p64, p64).sum(dim=-1)
                 assert stats.lse is not None
                 assert torch.isnan(stats.lse[~has]).all() and torch.isnan(stats.entropy[~has]).all()
-                lse_err = (stats.lse.double() - lse64)[has].abs()
-                assert bool((lse_err <= 2e-6 * lse64[has].abs() + 1e-5).all()), (temp, lse_err)
+                # the normaliser of EDT rows, computed apart from the statistics
+                alone = sel.log_normalizer(x, stats.max_logit, t, fused=False)
+                assert torch.isnan(alone[~has]).all()
+                for lse in (stats.lse, alone):
+                    lse_err = (lse.double() - lse64)[has].abs()
+                    assert bool((lse_err <= 2e-6 * lse64[has].abs() + 1e-5).all()), (temp, lse_err)
                 ent_err = (stats.entropy.double() - ent64)[has].abs()
                 assert bool((ent_err <= 1e-5 * ent64[has].abs() + 2e-5).all()), (temp, ent_err)
                 checked += 1

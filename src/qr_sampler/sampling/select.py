@@ -334,8 +334,13 @@ def _log_normalizer_block(
 ) -> torch.Tensor:
     t = t.float()
     mx = (max_logit / t).unsqueeze(1)
-    x = logits.float() / t.unsqueeze(1)
-    return (mx + torch.log(torch.exp(x - mx).sum(dim=-1, keepdim=True))).squeeze(1)
+    z = logits.float() / t.unsqueeze(1) - mx
+    # on the CPU (eager), as the row statistics: clamped at EXP_FLOOR where
+    # some value lies lower (the sum holds the maximum's 1 and stays the same)
+    eager_cpu = z.device.type == "cpu" and not torch.compiler.is_compiling()
+    if eager_cpu and z.numel() and float(z.amin()) < EXP_FLOOR:
+        z.clamp_(min=EXP_FLOOR)
+    return (mx + torch.log(torch.exp(z).sum(dim=-1, keepdim=True))).squeeze(1)
 
 
 _COMPILED: dict[str, Any] = {}
