@@ -652,12 +652,11 @@ class SamplingPipeline:
 
 
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "u")
-#: whether the Triton radix kernel imports here (decided on first use)
-_RADIX_KERNEL: dict[str, bool | None] = {"ok": None}
 #: error mode: after an ERROR line for a step without entropy, the next one
 #: comes at the earliest this many seconds later (with the count in between)
 ERROR_LOG_EVERY_S = 10.0
-
+#: whether the Triton radix kernel imports here (decided on first use)
+_RADIX_KERNEL: dict[str, bool | None] = {"ok": None}
 #: whether the Triton row statistics still run (off after their first failure)
 _STATS_KERNEL: dict[str, bool] = {"ok": True}
 

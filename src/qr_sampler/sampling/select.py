@@ -230,6 +230,12 @@ class RowStats:
 CPU_BLOCK_ELEMENTS = 1 << 19
 
 
+def _eager_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t`` is worked on eagerly on the CPU (not on a GPU, not inside
+    a compiled function): there a host-side look at a value costs no sync."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def _in_row_blocks(
     fn: Callable[..., Any], logits: torch.Tensor, *per_row: torch.Tensor | None
 ) -> Any:
@@ -239,7 +245,7 @@ def _in_row_blocks(
     151,936 logits on two cores). Elsewhere, or compiled, one call."""
     rows, vocab = logits.shape
     per = max(1, CPU_BLOCK_ELEMENTS // max(vocab, 1))
-    if logits.device.type != "cpu" or torch.compiler.is_compiling() or rows <= per:
+    if not _eager_cpu(logits) or rows <= per:
         return fn(logits, *per_row)
     parts = [
         fn(logits[i : i + per], *(a if a is None else a[i : i + per] for a in per_row))
@@ -280,15 +286,14 @@ def _row_stats_block(
     # eager on the CPU a host-side check is free: a batch without -inf (the
     # usual case) skips the clamp and the finite count (a bool sum, the slowest
     # pass there); compiled or on a GPU both always run (fused, no sync)
-    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    eager_cpu = _eager_cpu(x)
     m = x.amax(dim=-1, keepdim=True)
     lowest = x.amin() if eager_cpu else None
-    all_finite = lowest is not None and bool(torch.isfinite(lowest))
     d = x - m
     dc = d  # x - max as the entropy reads it (clamped where some value lies low)
     ninf = None  # where -inf logits are masked to 0 (eager CPU, masked rows)
     low = -math.inf  # a lower bound of d (eager CPU)
-    if lowest is not None and all_finite:
+    if lowest is not None and bool(torch.isfinite(lowest)):
         num_finite = torch.full_like(m.squeeze(1), x.shape[-1], dtype=torch.int64)
         low = float(lowest - m.max())
         if low < EXP_FLOOR:
@@ -337,8 +342,7 @@ def _log_normalizer_block(
     z = logits.float() / t.unsqueeze(1) - mx
     # on the CPU (eager), as the row statistics: clamped at EXP_FLOOR where
     # some value lies lower (the sum holds the maximum's 1 and stays the same)
-    eager_cpu = z.device.type == "cpu" and not torch.compiler.is_compiling()
-    if eager_cpu and z.numel() and float(z.amin()) < EXP_FLOOR:
+    if _eager_cpu(z) and z.numel() and float(z.amin()) < EXP_FLOOR:
         z.clamp_(min=EXP_FLOOR)
     return (mx + torch.log(torch.exp(z).sum(dim=-1, keepdim=True))).squeeze(1)
 
@@ -675,7 +679,7 @@ def _first_at(logits: torch.Tensor, x_max: torch.Tensor, t: torch.Tensor) -> tor
     Rows whose ``x_max`` is not finite get an arbitrary id."""
     rows, vocab = logits.shape
     bound = _bound_below(x_max, t)
-    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+    if _eager_cpu(logits):
         found = _first_candidate(logits, x_max, t, bound)
         if found is not None:
             return found
