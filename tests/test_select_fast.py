@@ -754,42 +754,6 @@ def test_row_stats_kernel_matches_torch_statistics() -> None:
     assert out["search_through_address"], out
 
 
-FORCE_KERNEL_SCRIPT = """
-import json, torch
-from qr_sampler.sampling import radix_kernel as rk
-from qr_sampler.sampling.select import force_tokens
-dev = "cuda" if torch.cuda.is_available() else "cpu"
-rk.FORCE_BLOCK = 256  # rows of 1,000 in four slices, the last one partial
-g = torch.Generator().manual_seed(3)
-out = {"cases": 0, "same": 0, "changed": 0}
-for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    wide = (torch.randn(6, 1100, generator=g) * 3).to(dtype)
-    for rows in (None, torch.tensor([4, 1, 5])):
-        # tokens at both ends of the row and of a slice
-        tokens = torch.tensor([0, 999, 255, 256, 511, 7] if rows is None else [999, 0, 256])
-        want = wide.clone()
-        force_tokens(want[:, :1000], rows, tokens)  # torch's ops, on the CPU
-        got = wide.clone().to(dev)
-        # rows 1,100 apart: the kernel reads the row stride
-        rk.force_rows(got[:, :1000], None if rows is None else rows.to(dev), tokens.to(dev))
-        out["cases"] += 1
-        out["same"] += int(torch.equal(got.cpu(), want))
-        out["changed"] += int(not torch.equal(want, wide))
-print(json.dumps(out))
-"""
-
-
-def test_force_kernel_matches_torch_forcing() -> None:
-    """The one-launch forcing (``force_tokens`` on CUDA; in a child process, by
-    Triton's CPU interpreter in CI) writes exactly what torch's fill and
-    scatter write: 0 at the token, -inf elsewhere in the forced rows (all, or
-    those given), every other value untouched (the columns past the row's
-    logits too), for float32, bf16 and float16, tokens at the row's and the
-    slices' ends."""
-    out = _triton_child(FORCE_KERNEL_SCRIPT)
-    assert out == {"cases": 6, "same": 6, "changed": 6}, out
-
-
 def test_radix_split_fills_one_wave_with_at_least_32_programs_a_row(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

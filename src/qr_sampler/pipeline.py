@@ -425,19 +425,15 @@ class SamplingPipeline:
         self._last_plan, self._plan_block, self._plan_key = plan, block, key
         return plan
 
-    def finish(
-        self, prep: _Prepared, u: np.ndarray, copy_ids: bool = True
-    ) -> tuple[torch.Tensor, np.ndarray]:
+    def finish(self, prep: _Prepared, u: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
         """The u-dependent part of :meth:`choose`: selection, the result block
-        to the host (the step's sync) and the rare exact fallback. Without
-        ``copy_ids`` a graphed step's device token ids are its graph's own
-        buffer, valid until the next step (:meth:`sample` uses them before)."""
+        to the host (the step's sync) and the rare exact fallback."""
         sub, dev = prep.sub, prep.dev
         u64 = np.asarray(u, dtype=np.float64)
         t, entropy = prep.stage[:2]
         stats = _stage_stats(prep.stage)
         if prep.graph is not None:
-            token_ids, out = prep.graph.run_finish(u64, copy=copy_ids)
+            token_ids, out = prep.graph.run_finish(u64)
         elif not (prep.use_head or prep.use_radix):
             # no row has a head (eager CPU, e.g. peaked or flat plain rows): every
             # row takes the exact fallback straight away
@@ -542,8 +538,7 @@ class SamplingPipeline:
             finally:
                 draw = fetching.result()  # never two fetches at once, even after an error
         self._graphed = prep.graph is not None
-        # the ids are forced below, before the next step could rewrite them
-        token_ids, host = self.finish(prep, draw.u, copy_ids=False)
+        token_ids, host = self.finish(prep, draw.u)
         if draw.failed.any() and self.eos_token_id is not None:
             eos = torch.from_numpy(draw.failed).to(logits.device)
             token_ids = torch.where(eos, torch.full_like(token_ids, self.eos_token_id), token_ids)

@@ -102,16 +102,13 @@ class StepGraph:
         self.prepare.replay()
         return rows
 
-    def run_finish(self, u: np.ndarray, copy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_finish(self, u: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Copy u (float64, host) in without a sync and replay ``finish``: the
-        token ids and the result block. The ids are a copy unless ``copy`` is
-        False: then the graph's own buffer, which the next step's replay
-        rewrites (work queued on this stream before that replay reads them
-        as they are; the copy is a launch, ~20-30 µs of host time on some
-        machines)."""
+        token ids (a copy: the graph's own buffer is rewritten by the next
+        step) and the result block."""
         self._stage("u", self.host_u, u, self.u)
         self.finish.replay()
-        return (self.token_ids.clone() if copy else self.token_ids), self.out
+        return self.token_ids.clone(), self.out
 
     def _stage(self, name: str, host: torch.Tensor, values: np.ndarray, to: torch.Tensor) -> None:
         """``values`` into the pinned buffer ``host``, then queued (no sync) on

@@ -672,20 +672,6 @@ def _stats_merge_kernel(
     tl.store(fin_ptr + i, finite.to(tl.int64))
 
 
-@triton.jit
-def _force_kernel(
-    logits_ptr, stride, vocab, rows_ptr, token_ptr, HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr
-):
-    """One slice of ``BLOCK`` ids of one forced row: 0 at its token, -inf
-    elsewhere (row ``i``, or the row ``rows_ptr[i]`` with ``HAS_ROWS``)."""
-    i = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    row = tl.load(rows_ptr + i) if HAS_ROWS else i.to(tl.int64)
-    token = tl.load(token_ptr + i)
-    value = tl.where(offs == token, 0.0, float("-inf")).to(logits_ptr.dtype.element_ty)
-    tl.store(logits_ptr + row * stride + offs, value, mask=offs < vocab)
-
-
 def _split(rows: int, vocab: int, device: torch.device) -> tuple[int, int]:
     """Programs per row and ids per program: on a GPU, enough programs to fill
     it once in a wide pass (rounded down: a program over that count makes a
@@ -777,7 +763,6 @@ def _hook_holder() -> Any:
     return runtime if runtime is not None else triton.compiler.CompiledKernel
 
 
-_FORCE = _Relauncher(_force_kernel)
 _PASS = _Relauncher(_pass_kernel)
 _FINAL = _Relauncher(_final_kernel)
 _STATS = _Relauncher(_stats_kernel)
@@ -1002,28 +987,3 @@ def row_stats_kernel(
     merge = {"SPLIT": split, "SPLIT_P2": triton.next_power_of_2(split), "EXACT_EXP": exact}
     _STATS_MERGE(index, (n,), (part, cnt, t, m, entropy, finite, lse), {**merge, "num_warps": 1})
     return m, entropy, finite, lse
-
-
-#: logits per program of :func:`force_rows`
-FORCE_BLOCK = 4096
-
-
-def force_rows(logits: torch.Tensor, rows: torch.Tensor | None, token_ids: torch.Tensor) -> None:
-    """:func:`~qr_sampler.sampling.select.force_tokens` in one launch: each
-    forced row of ``logits`` (contiguous rows; ``rows[i]``, or row ``i`` where
-    ``rows`` is None) becomes 0 at ``token_ids[i]`` and -inf elsewhere. The
-    torch ops take two launches (a fill and a scatter), each of which cost
-    the host ~20-30 µs in a graphed step on an H200 lease. A token outside
-    [0, vocab) is not checked (that would take a sync): its row is left all
-    -inf, where torch's scatter would fail."""
-    if logits.stride(1) != 1:
-        raise ValueError("force_rows needs rows of contiguous logits")
-    n = token_ids.numel()
-    if n == 0:
-        return
-    vocab = logits.shape[1]
-    tokens = token_ids.contiguous()
-    where = tokens if rows is None else rows.contiguous()
-    grid = (n, triton.cdiv(vocab, FORCE_BLOCK))
-    consts = {"HAS_ROWS": rows is not None, "BLOCK": FORCE_BLOCK, "num_warps": 4}
-    _FORCE(_device_index(), grid, (logits, logits.stride(0), vocab, where, tokens), consts)

@@ -989,26 +989,8 @@ def select(
     return _merge(sel, rows, select_rest(logits.index_select(0, rows), _take(params, rows)))
 
 
-#: whether :func:`force_tokens` may use the Triton kernel on CUDA (None: not
-#: yet tried; False after it was missing or failed once)
-_FORCE_KERNEL: dict[str, bool | None] = {"ok": None}
-
-
 def force_tokens(logits: torch.Tensor, rows: torch.Tensor | None, token_ids: torch.Tensor) -> None:
-    """In place: 0 at each chosen token, -inf elsewhere, for the given rows (all
-    if None). On CUDA one Triton launch (:func:`~qr_sampler.sampling.radix_kernel.force_rows`)
-    where it works, else torch's fill and scatter (the same values)."""
-    if logits.is_cuda and logits.stride(-1) == 1 and _FORCE_KERNEL["ok"] is not False:
-        try:
-            from qr_sampler.sampling.radix_kernel import force_rows
-
-            force_rows(logits, rows, token_ids)
-        except Exception as exc:  # no Triton here, or it fails on this GPU
-            _FORCE_KERNEL["ok"] = False
-            logger.warning("forcing kernel unavailable (%s); using torch ops", exc)
-        else:
-            _FORCE_KERNEL["ok"] = True
-            return
+    """In place: 0 at each chosen token, -inf elsewhere, for the given rows (all if None)."""
     if rows is None:
         logits.fill_(float("-inf"))
         logits.scatter_(1, token_ids.unsqueeze(1), 0.0)
