@@ -234,6 +234,50 @@ def test_tail_histogram_equals_full_sort(kind: str, given_stats: bool) -> None:
     assert torch.equal(c.rank[others], tail.rank[others])
 
 
+def test_tail_pick_row_by_row_equals_all_rows_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU's row-by-row end of the tail histogram (numpy) returns exactly
+    what the all-rows torch version (the one GPUs use) returns on the same
+    buckets: token, rank and probability to the bit, on every kind of row
+    (ties, -inf, NaN, a +inf logit, a row of -inf only) and u from 1e-12 to
+    just below 1, deep tails included. It fails if the bucket's tokens are
+    ordered by id alone, or if u past a row's last nonzero mass is not held
+    back."""
+    calls: list[int] = []
+    real = select_module._tail_pick_rows
+
+    def both(*args: torch.Tensor) -> Selection:
+        got, want = real(*args), select_module._tail_pick_batched(*args)
+        for name in ("token_ids", "rank", "prob", "num_candidates"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        calls.append(args[0].shape[0])
+        return got
+
+    monkeypatch.setattr(select_module, "_tail_pick_rows", both)
+    rng = np.random.default_rng(909)
+    for kind in KINDS:
+        logits = _logits(rng, kind, 32, 2500)
+        logits[0, 11] = np.nan
+        logits[1, 5] = np.inf
+        logits[2, :] = -np.inf
+        us = np.concatenate(
+            [rng.uniform(1e-12, 1 - 1e-12, 24), [1e-12, 0.5], 1 - rng.uniform(0, 1e-6, 6)]
+        )
+        rows = [
+            RowSettings(float(rng.choice([0.3, 0.7, 1.0, 2.5])), 0, 1.0, 0.0, float(u)) for u in us
+        ]
+        select_tail(torch.from_numpy(logits), make_params(rows))
+    assert calls == [32] * len(KINDS)
+    # u past the chosen bucket's mass, whose last tokens have probability 0
+    # (rounding can leave u there): the last token of nonzero probability
+    x = torch.tensor([[0.0, -1.0, -200.0, -300.0]])
+    p = torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64)
+    bucket = torch.zeros(1, 4, dtype=torch.int64)
+    cum_mass = torch.tensor([[0.8] + [0.8] * (select_module.TAIL_BUCKETS - 1)])
+    args = (x, p, bucket, cum_mass, torch.tensor([0]), torch.tensor([0.9]), torch.tensor([4]))
+    got = both(*args)
+    assert (got.token_ids.item(), got.rank.item(), got.prob.item()) == (1, 1, 0.3)
+
+
 def _spy_rows(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
     """Wrap ``module.name``; the returned list receives the row count of the
     tensor passed first to each call."""

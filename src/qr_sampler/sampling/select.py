@@ -589,6 +589,7 @@ def _take(params: SelectionParams, rows: torch.Tensor) -> SelectionParams:
 #: value buckets per nat of the tail histogram (:func:`select_tail`)
 TAIL_BUCKETS_PER_NAT = 64
 #: buckets of the tail histogram; the last one holds everything further down
+#: (at most 32,768: the CPU's pick holds bucket numbers as int16)
 TAIL_BUCKETS = 4096
 
 
@@ -755,6 +756,23 @@ def _tail_histogram(
     # u at or past the total mass (rounding): the last bucket that holds mass
     last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=dev), 0).amax(dim=1)
     crossing = torch.minimum(crossing, last)
+    if dev.type == "cpu":  # the same buckets as int16: half the bytes of two compares a row
+        return _tail_pick_rows(x, p, spread.to(torch.int16), cum_mass, crossing, u, num_finite)
+    return _tail_pick_batched(x, p, bucket, cum_mass, crossing, u, num_finite)
+
+
+def _tail_pick_batched(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    bucket: torch.Tensor,
+    cum_mass: torch.Tensor,
+    crossing: torch.Tensor,
+    u: torch.Tensor,
+    num_finite: torch.Tensor,
+) -> Selection:
+    """The end of :func:`_tail_histogram`, every row at once (any device): in
+    each row's chosen bucket, the token whose cumulative mass passes u."""
+    rows, dev = x.shape[0], x.device
     # the chosen buckets' tokens, every row at once: (row, id) pairs in id order,
     # then by row, value (descending) and id, through two stable sorts
     hit = torch.nonzero(bucket == crossing.unsqueeze(1))
@@ -779,15 +797,54 @@ def _tail_histogram(
     j = torch.minimum(j, torch.minimum(n, positive).sub(1).clamp(min=0)).unsqueeze(1)
     # the tokens in the buckets before the chosen one (one comparison pass:
     # cheaper than counting every bucket)
-    before_crossing = bucket < crossing.unsqueeze(1)
-    if dev.type == "cpu":  # numpy counts a bool array ~2.5x faster than torch's sum
-        above = torch.from_numpy(np.count_nonzero(before_crossing.numpy(), axis=1).astype(np.int64))
-    else:
-        above = before_crossing.sum(dim=1)
+    above = (bucket < crossing.unsqueeze(1)).sum(dim=1)
     return Selection(
         token_ids=bucket_ids.gather(1, j).squeeze(1),
         rank=above + j.squeeze(1),
         prob=ps.gather(1, j).squeeze(1),
+        num_candidates=num_finite,
+    )
+
+
+def _tail_pick_rows(
+    x: torch.Tensor,
+    p: torch.Tensor,
+    bucket: torch.Tensor,
+    cum_mass: torch.Tensor,
+    crossing: torch.Tensor,
+    u: torch.Tensor,
+    num_finite: torch.Tensor,
+) -> Selection:
+    """The end of :func:`_tail_histogram` on the CPU, row by row in numpy: the
+    same answers as its all-rows torch version (the same float64 sums in the
+    same order), without the 2-D nonzero, gathers and two sorts over every
+    row's bucket at once, which took ~2.5 ms of ~7.5 for 8 flat rows of
+    151,936 on one core. A row's bucket holds a few thousand tokens at most
+    on such rows; its ids come in id order, so a stable sort by value
+    (descending) orders them by value, then id, as the full sort does."""
+    rows = x.shape[0]
+    xs, ps_all, bs, cm = x.numpy(), p.numpy(), bucket.numpy(), cum_mass.numpy()
+    cross, us = crossing.numpy(), u.numpy()
+    token = np.zeros(rows, dtype=np.int64)
+    rank = np.zeros(rows, dtype=np.int64)
+    prob = np.zeros(rows, dtype=np.float64)
+    for i in range(rows):
+        c = int(cross[i])
+        ids = np.flatnonzero(bs[i] == c)
+        ids = ids[np.argsort(-xs[i, ids], kind="stable")]
+        ps = ps_all[i, ids]
+        before = cm[i, c - 1] if c > 0 else 0.0
+        j = int(np.count_nonzero(before + np.cumsum(ps) <= us[i]))
+        # not past the bucket's last token, nor past its last of nonzero
+        # probability (they come last: rounding can leave u beyond them)
+        j = min(j, max(min(ids.size, int(np.count_nonzero(ps > 0))) - 1, 0))
+        if ids.size:
+            token[i], prob[i] = ids[j], ps[j]
+        rank[i] = np.count_nonzero(bs[i] < c) + j
+    return Selection(
+        token_ids=torch.from_numpy(token),
+        rank=torch.from_numpy(rank),
+        prob=torch.from_numpy(prob),
         num_candidates=num_finite,
     )
 
