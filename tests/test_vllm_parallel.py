@@ -51,11 +51,12 @@ def _env(entropy: EntropyServerProcess, tmp: Path, **extra: str) -> dict[str, st
         "QR_RECORDS_PATH": str(tmp / "records.jsonl"),
         # two ranks keep both cores busy: the default 50 ms deadline floor once
         # tripped here (one step forced EOS in error mode, one request short of
-        # the step count); so once did a 1 s floor in a clean-clone CI run (the
-        # last 11 of a greedy request's 16 tokens EOS, cause not kept: failures
-        # now print the sampler's log). The floor is the 5 s maximum now. These
-        # tests check rank agreement, not deadlines (tests/test_grpc_client.py
-        # and tests/test_soak.py do)
+        # the step count); a clean-clone CI run with a 1 s floor once saw the
+        # last 11 of a greedy request's 16 tokens EOS, which one failed step
+        # explains (the tiny model's greedy continuation of EOS is EOS; its
+        # cause was not kept: failures now print the sampler's log). The floor
+        # is the 5 s maximum now. These tests check rank agreement, not
+        # deadlines (tests/test_grpc_client.py and tests/test_soak.py do)
         "QR_CB_MIN_TIMEOUT_MS": "5000",
         # the default 'auto' binding fails a NUMA assertion with two ranks on the CPU build
         "VLLM_CPU_OMP_THREADS_BIND": "0|1",
