@@ -245,11 +245,11 @@ def test_tail_pick_row_by_row_equals_all_rows_at_once(monkeypatch: pytest.Monkey
     calls: list[int] = []
     real = select_module._tail_pick_rows
 
-    def both(*args: torch.Tensor) -> Selection:
-        got, want = real(*args), select_module._tail_pick_batched(*args)
+    def both(tail: Any) -> Selection:
+        got, want = real(tail), select_module._tail_pick_batched(tail)
         for name in ("token_ids", "rank", "prob", "num_candidates"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
-        calls.append(args[0].shape[0])
+        calls.append(tail.x.shape[0])
         return got
 
     monkeypatch.setattr(select_module, "_tail_pick_rows", both)
@@ -273,8 +273,11 @@ def test_tail_pick_row_by_row_equals_all_rows_at_once(monkeypatch: pytest.Monkey
     p = torch.tensor([[0.5, 0.3, 0.0, 0.0]], dtype=torch.float64)
     bucket = torch.zeros(1, 4, dtype=torch.int64)
     cum_mass = torch.tensor([[0.8] + [0.8] * (select_module.TAIL_BUCKETS - 1)])
-    args = (x, p, bucket, cum_mass, torch.tensor([0]), torch.tensor([0.9]), torch.tensor([4]))
-    got = both(*args)
+    got = both(
+        select_module._Tail(
+            x, p, bucket, cum_mass, torch.tensor([0]), torch.tensor([0.9]), torch.tensor([4])
+        )
+    )
     assert (got.token_ids.item(), got.rank.item(), got.prob.item()) == (1, 1, 0.3)
 
 

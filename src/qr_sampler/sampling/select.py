@@ -38,7 +38,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -757,21 +757,30 @@ def _tail_histogram(
     last = torch.where(mass > 0, torch.arange(TAIL_BUCKETS, device=dev), 0).amax(dim=1)
     crossing = torch.minimum(crossing, last)
     if dev.type == "cpu":  # the same buckets as int16: half the bytes of two compares a row
-        return _tail_pick_rows(x, p, spread.to(torch.int16), cum_mass, crossing, u, num_finite)
-    return _tail_pick_batched(x, p, bucket, cum_mass, crossing, u, num_finite)
+        return _tail_pick_rows(
+            _Tail(x, p, spread.to(torch.int16), cum_mass, crossing, u, num_finite)
+        )
+    return _tail_pick_batched(_Tail(x, p, bucket, cum_mass, crossing, u, num_finite))
 
 
-def _tail_pick_batched(
-    x: torch.Tensor,
-    p: torch.Tensor,
-    bucket: torch.Tensor,
-    cum_mass: torch.Tensor,
-    crossing: torch.Tensor,
-    u: torch.Tensor,
-    num_finite: torch.Tensor,
-) -> Selection:
+class _Tail(NamedTuple):
+    """What the end of :func:`_tail_histogram` reads: x = logits / T, the
+    probabilities (float64), each token's bucket, the cumulative bucket
+    masses, each row's chosen bucket, u and the finite counts."""
+
+    x: torch.Tensor
+    p: torch.Tensor
+    bucket: torch.Tensor
+    cum_mass: torch.Tensor
+    crossing: torch.Tensor
+    u: torch.Tensor
+    num_finite: torch.Tensor
+
+
+def _tail_pick_batched(tail: _Tail) -> Selection:
     """The end of :func:`_tail_histogram`, every row at once (any device): in
     each row's chosen bucket, the token whose cumulative mass passes u."""
+    x, p, bucket, cum_mass, crossing, u, num_finite = tail
     rows, dev = x.shape[0], x.device
     # the chosen buckets' tokens, every row at once: (row, id) pairs in id order,
     # then by row, value (descending) and id, through two stable sorts
@@ -806,15 +815,7 @@ def _tail_pick_batched(
     )
 
 
-def _tail_pick_rows(
-    x: torch.Tensor,
-    p: torch.Tensor,
-    bucket: torch.Tensor,
-    cum_mass: torch.Tensor,
-    crossing: torch.Tensor,
-    u: torch.Tensor,
-    num_finite: torch.Tensor,
-) -> Selection:
+def _tail_pick_rows(tail: _Tail) -> Selection:
     """The end of :func:`_tail_histogram` on the CPU, row by row in numpy: the
     same answers as its all-rows torch version (the same float64 sums in the
     same order), without the 2-D nonzero, gathers and two sorts over every
@@ -822,9 +823,9 @@ def _tail_pick_rows(
     151,936 on one core. A row's bucket holds a few thousand tokens at most
     on such rows; its ids come in id order, so a stable sort by value
     (descending) orders them by value, then id, as the full sort does."""
-    rows = x.shape[0]
-    xs, ps_all, bs, cm = x.numpy(), p.numpy(), bucket.numpy(), cum_mass.numpy()
-    cross, us = crossing.numpy(), u.numpy()
+    rows = tail.x.shape[0]
+    xs, ps_all, bs = tail.x.numpy(), tail.p.numpy(), tail.bucket.numpy()
+    cm, cross, us = tail.cum_mass.numpy(), tail.crossing.numpy(), tail.u.numpy()
     token = np.zeros(rows, dtype=np.int64)
     rank = np.zeros(rows, dtype=np.int64)
     prob = np.zeros(rows, dtype=np.float64)
@@ -845,7 +846,7 @@ def _tail_pick_rows(
         token_ids=torch.from_numpy(token),
         rank=torch.from_numpy(rank),
         prob=torch.from_numpy(prob),
-        num_candidates=num_finite,
+        num_candidates=tail.num_finite,
     )
 
 
