@@ -70,6 +70,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "QR_CB_RECOVERY_S": "0.5",
         "QR_CB_MAX_RECOVERY_S": "1",
         "QR_CB_FAILURE_THRESHOLD": "1",
+        # provenance tests assert no fallback on any token: a 50 ms deadline
+        # floor can trip on a loaded 2-core CI machine (tests/test_vllm_parallel.py
+        # saw it). The outage below fails fast either way (a killed server
+        # refuses connections); deadlines have their own tests (test_grpc_client.py)
+        "QR_CB_MIN_TIMEOUT_MS": "1000",
     }
     try:
         with running_vllm(tiny_model(), env, log_path=tmp / "vllm.log") as server:
